@@ -1,0 +1,63 @@
+-- outbox-tailer schema, for people who don't run Alembic.
+-- It must stay identical to `alembic upgrade head` (tests/schema.rs compares
+-- the two with pg_dump --schema-only). Apply with:
+--   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/schema.sql
+BEGIN;
+
+-- The chat domain table: the source of truth for chat.
+CREATE TABLE messages (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    project_id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    role text NOT NULL,
+    content text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT messages_pkey PRIMARY KEY (id)
+);
+
+-- The transactional outbox: written in the same transaction as messages.
+CREATE TABLE event_outbox (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    aggregate_type text NOT NULL,
+    aggregate_id text NOT NULL,
+    user_id uuid,
+    project_id uuid,
+    event_type text NOT NULL,
+    payload jsonb NOT NULL,
+    status text DEFAULT 'pending' NOT NULL,
+    retry_count integer DEFAULT 0 NOT NULL,
+    next_retry_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    published_at timestamp with time zone,
+    last_error text,
+    CONSTRAINT event_outbox_pkey PRIMARY KEY (id),
+    CONSTRAINT ck_event_outbox_status CHECK (status IN ('pending', 'published', 'failed'))
+);
+
+CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON event_outbox (status, next_retry_at, created_at);
+CREATE INDEX ix_event_outbox_aggregate_id_created_at ON event_outbox (aggregate_id, created_at);
+CREATE INDEX ix_event_outbox_project_id_created_at ON event_outbox (project_id, created_at);
+CREATE INDEX ix_event_outbox_user_id_created_at ON event_outbox (user_id, created_at);
+
+-- Inserts only: status updates must never reach the tailer's slot.
+CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox WITH (publish = 'insert');
+
+-- Optional analytics/audit projection of published events.
+CREATE TABLE event_logs (
+    event_id uuid NOT NULL,
+    aggregate_type text NOT NULL,
+    aggregate_id text NOT NULL,
+    user_id uuid,
+    project_id uuid,
+    event_type text NOT NULL,
+    payload jsonb NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    published_at timestamp with time zone NOT NULL,
+    CONSTRAINT event_logs_pkey PRIMARY KEY (event_id)
+);
+
+CREATE INDEX ix_event_logs_aggregate_id_created_at ON event_logs (aggregate_id, created_at);
+CREATE INDEX ix_event_logs_project_id_created_at ON event_logs (project_id, created_at);
+CREATE INDEX ix_event_logs_user_id_created_at ON event_logs (user_id, created_at);
+
+COMMIT;

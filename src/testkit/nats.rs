@@ -1,0 +1,137 @@
+//! A throwaway `nats-server -js` on a free loopback port with its JetStream
+//! store in a temp dir; stopped on drop, restartable on the same port and store.
+
+use super::process::{die_with_parent, find_binary, log_tail, signal, wait_or_kill, wait_until};
+use super::{free_port, HarnessError};
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running (or deliberately stopped) throwaway nats-server with JetStream.
+///
+/// Start it from the test's own thread: the server is also killed when the
+/// thread that started it exits.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    binary: PathBuf,
+    /// Extra command-line arguments (e.g. `--max_payload`), kept for restarts.
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Result<NatsServer, HarnessError> {
+        NatsServer::start_with(&[])
+    }
+
+    /// Starts with extra `nats-server` arguments.
+    pub fn start_with(args: &[&str]) -> Result<NatsServer, HarnessError> {
+        let binary = find_binary("nats-server", &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+            .ok_or_else(|| HarnessError::NotFound {
+                what: "nats-server".into(),
+                hint: "apt-get install -y nats-server".into(),
+            })?;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-tailer-nats-")
+            .tempdir()
+            .map_err(HarnessError::io("creating a temp dir"))?;
+        let mut server = NatsServer {
+            child: None,
+            port: 0,
+            binary,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        let mut last_error = None;
+        for _ in 0..3 {
+            server.port = free_port()?;
+            match server.start_again() {
+                Ok(()) => return Ok(server),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("three attempts were made"))
+    }
+
+    /// Starts the stopped server again on the same port and JetStream store.
+    pub fn start_again(&mut self) -> Result<(), HarnessError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = self.dir.path().join("nats.log");
+        let mut command = Command::new(&self.binary);
+        command
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path().join("store"))
+            .arg("-l")
+            .arg(&log)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut command);
+        let mut child = command.spawn().map_err(HarnessError::io("starting nats-server"))?;
+        let port = self.port;
+        // Ready once it greets a client with INFO; the log confirms it is ours
+        // (and JetStream is up) rather than a stranger that took the port.
+        let ready = wait_until(&mut child, START_TIMEOUT, || {
+            greets(port) && std::fs::read_to_string(&log).is_ok_and(|text| text.contains("Server is ready"))
+        });
+        match ready {
+            Ok(()) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(exit) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(HarnessError::NotReady {
+                    what: format!("nats-server on port {port}{}", exit.map(|s| format!(" ({s})")).unwrap_or_default()),
+                    timeout: START_TIMEOUT,
+                    log: log_tail(&log, 20),
+                })
+            }
+        }
+    }
+
+    /// Stops the server: gracefully (SIGTERM) or as a crash (SIGKILL).
+    pub fn stop(&mut self, graceful: bool) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, if graceful { libc::SIGTERM } else { libc::SIGKILL });
+            wait_or_kill(&mut child, STOP_TIMEOUT);
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop(false);
+    }
+}
+
+fn greets(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut greeting = [0u8; 4];
+    stream.read_exact(&mut greeting).is_ok() && &greeting == b"INFO"
+}
