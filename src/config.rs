@@ -9,7 +9,11 @@ use std::str::FromStr;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
-#[command(name = "outbox-tailer", version, about = "Publishes event_outbox inserts from a logical replication slot to NATS JetStream")]
+#[command(
+    name = "outbox-tailer",
+    version,
+    about = "Publishes event_outbox inserts from a logical replication slot to NATS JetStream"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub options: Options,
@@ -61,22 +65,48 @@ pub struct Options {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
     /// NATS server URL.
-    #[arg(long, env = "NATS_URL", global = true, default_value = "nats://127.0.0.1:4222", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        global = true,
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
     /// Logical replication slot (pgoutput), created if missing.
-    #[arg(long, env = "OUTBOX_SLOT", global = true, default_value = "event_outbox_tailer")]
+    #[arg(
+        long,
+        env = "OUTBOX_SLOT",
+        global = true,
+        default_value = "event_outbox_tailer"
+    )]
     pub slot: String,
     /// Insert-only publication on event_outbox.
-    #[arg(long, env = "OUTBOX_PUBLICATION", global = true, default_value = "event_outbox_pub")]
+    #[arg(
+        long,
+        env = "OUTBOX_PUBLICATION",
+        global = true,
+        default_value = "event_outbox_pub"
+    )]
     pub publication: String,
     /// JetStream stream, created if missing with subjects `<subject-prefix>.>`.
     #[arg(long, env = "OUTBOX_STREAM", global = true, default_value = "EVENTS")]
     pub stream: String,
     /// First subject token: events go to `<prefix>.<aggregate_type>.<event_type>`.
-    #[arg(long, env = "OUTBOX_SUBJECT_PREFIX", global = true, default_value = "events")]
+    #[arg(
+        long,
+        env = "OUTBOX_SUBJECT_PREFIX",
+        global = true,
+        default_value = "events"
+    )]
     pub subject_prefix: String,
     /// Address for /metrics, /healthz and /readyz.
-    #[arg(long, env = "METRICS_ADDR", global = true, default_value = "0.0.0.0:9599")]
+    #[arg(
+        long,
+        env = "METRICS_ADDR",
+        global = true,
+        default_value = "0.0.0.0:9599"
+    )]
     pub metrics_addr: String,
     /// Failures specific to an event before it becomes `failed`.
     #[arg(long, env = "OUTBOX_MAX_RETRIES", global = true, default_value_t = 10)]
@@ -85,14 +115,23 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_EVENT_LOGS", global = true)]
     pub event_logs: bool,
     /// Log lines as text or as one JSON object a line.
-    #[arg(long, env = "LOG_FORMAT", global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
 impl fmt::Debug for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Options")
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("nats_url", &redact_url(&self.nats_url))
             .field("slot", &self.slot)
             .field("publication", &self.publication)
@@ -119,7 +158,9 @@ pub enum ConfigError {
     BadIdentifier { flag: &'static str, value: String },
     #[error("--stream {0:?} is not a valid JetStream stream name: use letters, digits, - and _")]
     BadStream(String),
-    #[error("--subject-prefix {0:?} is not valid: use dot-separated tokens of letters, digits, - and _")]
+    #[error(
+        "--subject-prefix {0:?} is not valid: use dot-separated tokens of letters, digits, - and _"
+    )]
     BadSubjectPrefix(String),
     #[error("--metrics-addr {0:?} is not a socket address such as 0.0.0.0:9599")]
     BadMetricsAddr(String),
@@ -161,24 +202,40 @@ impl fmt::Debug for Config {
 
 impl Config {
     pub fn from_options(options: &Options) -> Result<Config, ConfigError> {
-        let database_url = options.database_url.clone().filter(|u| !u.trim().is_empty()).ok_or(ConfigError::MissingDatabaseUrl)?;
+        let database_url = options
+            .database_url
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .ok_or(ConfigError::MissingDatabaseUrl)?;
         let database = parse_database_url(&database_url)?;
         if !valid_nats_url(&options.nats_url) {
-            return Err(ConfigError::MalformedNatsUrl { url: redact_url(&options.nats_url) });
+            return Err(ConfigError::MalformedNatsUrl {
+                url: redact_url(&options.nats_url),
+            });
         }
-        for (flag, value) in [("slot", &options.slot), ("publication", &options.publication)] {
+        for (flag, value) in [
+            ("slot", &options.slot),
+            ("publication", &options.publication),
+        ] {
             if !valid_identifier(value) {
-                return Err(ConfigError::BadIdentifier { flag, value: value.clone() });
+                return Err(ConfigError::BadIdentifier {
+                    flag,
+                    value: value.clone(),
+                });
             }
         }
         if !valid_token(&options.stream) {
             return Err(ConfigError::BadStream(options.stream.clone()));
         }
         if !options.subject_prefix.split('.').all(valid_token) {
-            return Err(ConfigError::BadSubjectPrefix(options.subject_prefix.clone()));
+            return Err(ConfigError::BadSubjectPrefix(
+                options.subject_prefix.clone(),
+            ));
         }
-        let metrics_addr =
-            options.metrics_addr.parse().map_err(|_| ConfigError::BadMetricsAddr(options.metrics_addr.clone()))?;
+        let metrics_addr = options
+            .metrics_addr
+            .parse()
+            .map_err(|_| ConfigError::BadMetricsAddr(options.metrics_addr.clone()))?;
         Ok(Config {
             database,
             database_url,
@@ -197,9 +254,14 @@ impl Config {
 
 /// Parses a libpq URL or key=value string; the error never echoes a password.
 pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, ConfigError> {
-    let malformed = |reason: String| ConfigError::MalformedDatabaseUrl { url: redact_url(url), reason };
+    let malformed = |reason: String| ConfigError::MalformedDatabaseUrl {
+        url: redact_url(url),
+        reason,
+    };
     if !(url.starts_with("postgresql://") || url.starts_with("postgres://") || url.contains('=')) {
-        return Err(malformed("expected postgresql://user:password@host:port/database".into()));
+        return Err(malformed(
+            "expected postgresql://user:password@host:port/database".into(),
+        ));
     }
     let config = tokio_postgres::Config::from_str(url).map_err(|e| malformed(e.to_string()))?;
     if config.get_hosts().is_empty() {
@@ -215,21 +277,31 @@ pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, ConfigErr
 /// unquoted, so they are held to what needs no quoting.
 fn valid_identifier(name: &str) -> bool {
     (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit()
 }
 
 /// A NATS subject token (or stream name) that needs no sanitising.
 fn valid_token(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn valid_nats_url(url: &str) -> bool {
     url.split(',').all(|one| {
         let one = one.trim();
-        let rest = ["nats://", "tls://", "ws://", "wss://"].iter().find_map(|scheme| one.strip_prefix(scheme)).unwrap_or(one);
+        let rest = ["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .find_map(|scheme| one.strip_prefix(scheme))
+            .unwrap_or(one);
         let host_port = rest.rsplit('@').next().unwrap_or(rest);
-        !host_port.is_empty() && !host_port.contains('/') && !host_port.contains(char::is_whitespace)
+        !host_port.is_empty()
+            && !host_port.contains('/')
+            && !host_port.contains(char::is_whitespace)
     })
 }
 
@@ -239,7 +311,9 @@ pub fn redact_url(url: &str) -> String {
     let mut out = url.to_owned();
     if let Some(scheme_end) = out.find("://") {
         let authority_start = scheme_end + 3;
-        let authority_end = out[authority_start..].find(['/', '?']).map_or(out.len(), |i| authority_start + i);
+        let authority_end = out[authority_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| authority_start + i);
         if let Some(at) = out[authority_start..authority_end].rfind('@') {
             let userinfo = &out[authority_start..authority_start + at];
             let redacted = match userinfo.split_once(':') {
@@ -253,7 +327,9 @@ pub fn redact_url(url: &str) -> String {
     }
     if let Some(start) = out.find("password=") {
         let value_start = start + "password=".len();
-        let value_end = out[value_start..].find(['&', ' ']).map_or(out.len(), |i| value_start + i);
+        let value_end = out[value_start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |i| value_start + i);
         out.replace_range(value_start..value_end, "***");
     }
     out
@@ -269,16 +345,31 @@ mod tests {
 
     #[test]
     fn redacts_passwords_and_tokens() {
-        assert_eq!(redact_url("postgresql://u:s3cret@h:5432/db"), "postgresql://u:***@h:5432/db");
-        assert_eq!(redact_url("postgresql://u@h/db?password=s3cret&x=1"), "postgresql://u@h/db?password=***&x=1");
+        assert_eq!(
+            redact_url("postgresql://u:s3cret@h:5432/db"),
+            "postgresql://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("postgresql://u@h/db?password=s3cret&x=1"),
+            "postgresql://u@h/db?password=***&x=1"
+        );
         assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact_url("host=h user=u password=s3cret"), "host=h user=u password=***");
+        assert_eq!(
+            redact_url("host=h user=u password=s3cret"),
+            "host=h user=u password=***"
+        );
         assert_eq!(redact_url("postgresql://u@h/db"), "postgresql://u@h/db");
     }
 
     #[test]
     fn debug_never_shows_the_password() {
-        let cli = options(&["--database-url", "postgresql://u:s3cret@h/db", "--nats-url", "nats://a:b3@h:1"]).unwrap();
+        let cli = options(&[
+            "--database-url",
+            "postgresql://u:s3cret@h/db",
+            "--nats-url",
+            "nats://a:b3@h:1",
+        ])
+        .unwrap();
         let config = Config::from_options(&cli.options).unwrap();
         for text in [format!("{config:?}"), format!("{:?}", cli.options)] {
             assert!(!text.contains("s3cret") && !text.contains("b3@"), "{text}");
@@ -315,13 +406,59 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&[], "--database-url"),
             (&["--database-url", "mysql://h/db"], "--database-url"),
-            (&["--database-url", "postgresql://u@h:notaport/db"], "--database-url"),
-            (&["--database-url", "postgresql://u@h/db", "--slot", "Bad-Slot"], "--slot"),
-            (&["--database-url", "postgresql://u@h/db", "--publication", "x; drop"], "--publication"),
-            (&["--database-url", "postgresql://u@h/db", "--stream", "a.b"], "--stream"),
-            (&["--database-url", "postgresql://u@h/db", "--subject-prefix", "a.>"], "--subject-prefix"),
-            (&["--database-url", "postgresql://u@h/db", "--metrics-addr", "nowhere"], "--metrics-addr"),
-            (&["--database-url", "postgresql://u@h/db", "--nats-url", "nats://h /x"], "--nats-url"),
+            (
+                &["--database-url", "postgresql://u@h:notaport/db"],
+                "--database-url",
+            ),
+            (
+                &[
+                    "--database-url",
+                    "postgresql://u@h/db",
+                    "--slot",
+                    "Bad-Slot",
+                ],
+                "--slot",
+            ),
+            (
+                &[
+                    "--database-url",
+                    "postgresql://u@h/db",
+                    "--publication",
+                    "x; drop",
+                ],
+                "--publication",
+            ),
+            (
+                &["--database-url", "postgresql://u@h/db", "--stream", "a.b"],
+                "--stream",
+            ),
+            (
+                &[
+                    "--database-url",
+                    "postgresql://u@h/db",
+                    "--subject-prefix",
+                    "a.>",
+                ],
+                "--subject-prefix",
+            ),
+            (
+                &[
+                    "--database-url",
+                    "postgresql://u@h/db",
+                    "--metrics-addr",
+                    "nowhere",
+                ],
+                "--metrics-addr",
+            ),
+            (
+                &[
+                    "--database-url",
+                    "postgresql://u@h/db",
+                    "--nats-url",
+                    "nats://h /x",
+                ],
+                "--nats-url",
+            ),
         ];
         for (args, flag) in cases {
             let cli = options(args).unwrap();
@@ -335,6 +472,12 @@ mod tests {
         assert!(options(&["requeue"]).is_err());
         assert!(options(&["requeue", "--all", "--event-type", "x"]).is_err());
         let cli = options(&["requeue", "--event-type", "message.created"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Requeue(RequeueArgs { event_type: Some(_), .. }))));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Requeue(RequeueArgs {
+                event_type: Some(_),
+                ..
+            }))
+        ));
     }
 }

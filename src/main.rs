@@ -27,14 +27,18 @@ fn main() -> ExitCode {
         Command::Status { .. } => ("status", "#4 (observability)"),
         Command::Requeue(_) => ("requeue", "#5 (dead letters)"),
     };
-    eprintln!("outbox-tailer: `{name}` is not available in this build yet; it arrives with issue {issue}");
+    eprintln!(
+        "outbox-tailer: `{name}` is not available in this build yet; it arrives with issue {issue}"
+    );
     ExitCode::from(EXIT_UNAVAILABLE)
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -18,21 +18,35 @@ async fn postgres_is_logical_restartable_and_gone_after_drop() {
     assert_ne!(port, 5432, "must never be the machine's own PostgreSQL");
 
     let client = pg.connect("postgres").await.unwrap();
-    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(wal_level, "logical");
     let server_port: String = client.query_one("SHOW port", &[]).await.unwrap().get(0);
     assert_eq!(server_port, port.to_string());
-    client.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)").await.unwrap();
+    client
+        .batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)")
+        .await
+        .unwrap();
     drop(client);
 
     for mode in [StopMode::Fast, StopMode::Immediate] {
         pg.stop(mode);
         assert!(!pg.is_running());
-        assert!(pg.connect("postgres").await.is_err(), "stopped server must refuse connections");
+        assert!(
+            pg.connect("postgres").await.is_err(),
+            "stopped server must refuse connections"
+        );
         pg.start_again().expect("start again");
         assert_eq!(pg.port(), port, "a restart keeps the port");
         let client = pg.connect("postgres").await.unwrap();
-        let v: i32 = client.query_one("SELECT v FROM kept", &[]).await.unwrap().get(0);
+        let v: i32 = client
+            .query_one("SELECT v FROM kept", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(v, 42, "a restart keeps the data ({mode:?})");
     }
 
@@ -48,14 +62,19 @@ fn nats_has_jetstream_restarts_on_its_port_and_is_gone_after_drop() {
 
     let info = |port: u16| {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = [0u8; 2048];
         let n = stream.read(&mut buf).unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let greeting = info(port);
     assert!(greeting.starts_with("INFO "), "{greeting}");
-    assert!(greeting.contains(r#""jetstream":true"#), "JetStream must be on: {greeting}");
+    assert!(
+        greeting.contains(r#""jetstream":true"#),
+        "JetStream must be on: {greeting}"
+    );
 
     nats.stop(true);
     assert!(!listening(port));

@@ -24,16 +24,30 @@ async fn columns(db: &Client, table: &str) -> Vec<(String, String, bool, Option<
     .collect()
 }
 
-fn col(name: &str, ty: &str, nullable: bool, default: Option<&str>) -> (String, String, bool, Option<String>) {
+fn col(
+    name: &str,
+    ty: &str,
+    nullable: bool,
+    default: Option<&str>,
+) -> (String, String, bool, Option<String>) {
     (name.into(), ty.into(), nullable, default.map(Into::into))
 }
 
 async fn strings(db: &Client, sql: &str) -> Vec<String> {
-    db.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 async fn tables(db: &Client) -> Vec<String> {
-    strings(db, "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").await
+    strings(
+        db,
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .await
 }
 
 async fn indexes(db: &Client, table: &str) -> Vec<String> {
@@ -60,7 +74,10 @@ async fn publications(db: &Client) -> Vec<String> {
 
 /// Asserts the whole contract schema is there, exactly.
 async fn assert_contract_schema(db: &Client) {
-    assert_eq!(tables(db).await, ["alembic_version", "event_logs", "event_outbox", "messages"]);
+    assert_eq!(
+        tables(db).await,
+        ["alembic_version", "event_logs", "event_outbox", "messages"]
+    );
 
     let ts = "timestamp with time zone";
     assert_eq!(
@@ -126,7 +143,10 @@ async fn assert_contract_schema(db: &Client) {
             "CREATE INDEX ix_event_logs_user_id_created_at ON public.event_logs USING btree (user_id, created_at)",
         ]
     );
-    assert_eq!(indexes(db, "messages").await, ["CREATE UNIQUE INDEX messages_pkey ON public.messages USING btree (id)"]);
+    assert_eq!(
+        indexes(db, "messages").await,
+        ["CREATE UNIQUE INDEX messages_pkey ON public.messages USING btree (id)"]
+    );
 
     let checks = strings(
         db,
@@ -146,9 +166,15 @@ async fn assert_contract_schema(db: &Client) {
             &[],
         )
         .await;
-    assert_eq!(bad.unwrap_err().code(), Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION));
+    assert_eq!(
+        bad.unwrap_err().code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+    );
 
-    assert_eq!(publications(db).await, ["event_outbox_pub ins=t upd=f del=f trunc=f tables=event_outbox"]);
+    assert_eq!(
+        publications(db).await,
+        ["event_outbox_pub ins=t upd=f del=f trunc=f tables=event_outbox"]
+    );
 }
 
 /// A fresh database on a fresh server.
@@ -192,11 +218,18 @@ async fn downgrades_drop_only_their_own_objects_and_keep_messages() {
 
     // -1 from head: only event_logs and its indexes go.
     alembic(&url, &["downgrade", "-1"]).unwrap();
-    assert_eq!(tables(&db).await, ["alembic_version", "event_outbox", "messages"]);
+    assert_eq!(
+        tables(&db).await,
+        ["alembic_version", "event_outbox", "messages"]
+    );
     assert_eq!(indexes(&db, "event_logs").await, Vec::<String>::new());
     assert_eq!(indexes(&db, "event_outbox").await.len(), 5);
     assert_eq!(publications(&db).await.len(), 1);
-    let outbox: i64 = db.query_one("SELECT count(*) FROM event_outbox", &[]).await.unwrap().get(0);
+    let outbox: i64 = db
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(outbox, 500, "dropping event_logs leaves the outbox alone");
     assert_eq!(message_rows(&db).await, before);
 
@@ -205,7 +238,11 @@ async fn downgrades_drop_only_their_own_objects_and_keep_messages() {
     assert_eq!(tables(&db).await, ["alembic_version", "messages"]);
     assert_eq!(indexes(&db, "event_outbox").await, Vec::<String>::new());
     assert_eq!(publications(&db).await, Vec::<String>::new());
-    assert_eq!(message_rows(&db).await, before, "every messages row is as it was");
+    assert_eq!(
+        message_rows(&db).await,
+        before,
+        "every messages row is as it was"
+    );
 
     // And back up: the full contract again, the messages untouched.
     alembic(&url, HEAD).unwrap();
@@ -220,10 +257,19 @@ async fn downgrades_drop_only_their_own_objects_and_keep_messages() {
 /// `pg_dump --schema-only` of a database, without Alembic's bookkeeping.
 fn dump(pg: &PgServer, url: &str) -> String {
     let output = Command::new(pg.bin("pg_dump"))
-        .args(["--schema-only", "--no-owner", "--exclude-table=alembic_version", url])
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--exclude-table=alembic_version",
+            url,
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // pg_dump brackets its output with a random \restrict key: not schema.
     String::from_utf8(output.stdout)
         .unwrap()
@@ -239,7 +285,11 @@ fn psql_file(pg: &PgServer, url: &str, file: &str) {
         .arg(repo_root().join(file))
         .output()
         .unwrap();
-    assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test]
@@ -251,8 +301,14 @@ async fn sql_schema_is_the_same_schema_as_alembic_head() {
     psql_file(&pg, &by_sql, "sql/schema.sql");
 
     let (a, b) = (dump(&pg, &by_alembic), dump(&pg, &by_sql));
-    assert!(a.contains("CREATE TABLE public.event_outbox"), "the dump must hold the schema:\n{a}");
-    assert!(a.contains("CREATE PUBLICATION event_outbox_pub"), "the dump must hold the publication:\n{a}");
+    assert!(
+        a.contains("CREATE TABLE public.event_outbox"),
+        "the dump must hold the schema:\n{a}"
+    );
+    assert!(
+        a.contains("CREATE PUBLICATION event_outbox_pub"),
+        "the dump must hold the publication:\n{a}"
+    );
     if a != b {
         let diff: Vec<String> = a
             .lines()
@@ -261,7 +317,10 @@ async fn sql_schema_is_the_same_schema_as_alembic_head() {
             .take(10)
             .map(|(x, y)| format!("alembic: {x}\n    sql: {y}"))
             .collect();
-        panic!("sql/schema.sql differs from alembic head:\n{}", diff.join("\n"));
+        panic!(
+            "sql/schema.sql differs from alembic head:\n{}",
+            diff.join("\n")
+        );
     }
 }
 
@@ -279,7 +338,10 @@ async fn roles_sql_grants_the_tailer_only_what_it_needs() {
         .await
         .unwrap();
 
-    let (tailer, connection) = tokio_postgres::connect(&pg.url_as("outbox_tailer", "chat"), tokio_postgres::NoTls).await.unwrap();
+    let (tailer, connection) =
+        tokio_postgres::connect(&pg.url_as("outbox_tailer", "chat"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let allowed = [
         "SELECT id, payload, status FROM event_outbox",
@@ -292,7 +354,10 @@ async fn roles_sql_grants_the_tailer_only_what_it_needs() {
         "SELECT pg_current_wal_lsn()",
     ];
     for sql in allowed {
-        tailer.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        tailer
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let denied = [
         "SELECT * FROM messages",
@@ -305,7 +370,11 @@ async fn roles_sql_grants_the_tailer_only_what_it_needs() {
     ];
     for sql in denied {
         let error = tailer.batch_execute(sql).await.expect_err(sql);
-        assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {error}");
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {error}"
+        );
     }
 }
 
@@ -358,7 +427,10 @@ async fn contract_queries_use_their_indexes_on_a_realistic_table() {
     for (sql, index) in cases {
         let plan = plan(&db, sql).await;
         assert!(plan.contains(index), "{sql}\nshould use {index}:\n{plan}");
-        assert!(!plan.contains("Seq Scan"), "{sql}\nmust not scan the table:\n{plan}");
+        assert!(
+            !plan.contains("Seq Scan"),
+            "{sql}\nmust not scan the table:\n{plan}"
+        );
         // The index delivers the order: no sort of the matching rows.
         assert!(!plan.contains("Sort"), "{sql}\nmust not sort:\n{plan}");
     }

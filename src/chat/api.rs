@@ -41,7 +41,10 @@ struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
 }
 
@@ -63,12 +66,19 @@ impl From<StoreError> for ApiError {
             StoreError::Database(_) | StoreError::Aborted(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         // Database details stay in the log, not in the response.
-        ApiError::new(status, "the message could not be stored; nothing was written, retry later")
+        ApiError::new(
+            status,
+            "the message could not be stored; nothing was written, retry later",
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
     }
 }

@@ -23,7 +23,9 @@ pub async fn serve(
     store: Arc<ChatStore>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(store)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(store))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Binds `addr` and serves in a background task; returns the bound address.

@@ -53,7 +53,8 @@ pub enum RequestError {
 impl MessageRequest {
     /// Parses and validates a body for the chat `chat_id` (from the path).
     pub fn parse(chat_id: &str, body: &[u8]) -> Result<ValidMessage, RequestError> {
-        let request: MessageRequest = serde_json::from_slice(body).map_err(|e| RequestError::BadJson(e.to_string()))?;
+        let request: MessageRequest =
+            serde_json::from_slice(body).map_err(|e| RequestError::BadJson(e.to_string()))?;
         request.validate(chat_id)
     }
 
@@ -74,16 +75,28 @@ impl MessageRequest {
         if self.content.contains('\0') {
             return Err(RequestError::NulInContent);
         }
-        Ok(ValidMessage { chat_id, project_id, user_id, role: self.role, content: self.content })
+        Ok(ValidMessage {
+            chat_id,
+            project_id,
+            user_id,
+            role: self.role,
+            content: self.content,
+        })
     }
 }
 
 fn parse_id(field: &'static str, value: &str) -> Result<Uuid, RequestError> {
     // Only the hyphenated form: braces, URNs and bare hex are not ids we hand out.
     if value.len() != 36 {
-        return Err(RequestError::MalformedId { field, value: truncate(value) });
+        return Err(RequestError::MalformedId {
+            field,
+            value: truncate(value),
+        });
     }
-    Uuid::parse_str(value).map_err(|_| RequestError::MalformedId { field, value: truncate(value) })
+    Uuid::parse_str(value).map_err(|_| RequestError::MalformedId {
+        field,
+        value: truncate(value),
+    })
 }
 
 fn truncate(value: &str) -> String {
@@ -114,7 +127,10 @@ mod tests {
     #[test]
     fn role_defaults_to_user() {
         let raw = serde_json::json!({"project_id": P, "user_id": U, "content": "x"}).to_string();
-        assert_eq!(MessageRequest::parse(CHAT, raw.as_bytes()).unwrap().role, "user");
+        assert_eq!(
+            MessageRequest::parse(CHAT, raw.as_bytes()).unwrap().role,
+            "user"
+        );
     }
 
     #[test]
@@ -123,13 +139,21 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("not-a-uuid", body(P, U, "user", "x"), "chat_id"),
             (CHAT, body("123", U, "user", "x"), "project_id"),
-            (CHAT, body(P, "{9a3e0f4c-6c57-4c1e-bb0e-2f5d6f1c3a02}", "user", "x"), "user_id"),
+            (
+                CHAT,
+                body(P, "{9a3e0f4c-6c57-4c1e-bb0e-2f5d6f1c3a02}", "user", "x"),
+                "user_id",
+            ),
             (CHAT, body(P, U, "user", "   "), "empty"),
             (CHAT, body(P, U, "user", &long), "limit"),
             (CHAT, body(P, U, "user", "a\0b"), "NUL"),
             (CHAT, body(P, U, "admin", "x"), "role"),
             (CHAT, b"{not json".to_vec(), "invalid JSON"),
-            (CHAT, br#"{"project_id": 1, "user_id": "u", "content": "x"}"#.to_vec(), "invalid JSON"),
+            (
+                CHAT,
+                br#"{"project_id": 1, "user_id": "u", "content": "x"}"#.to_vec(),
+                "invalid JSON",
+            ),
         ];
         for (chat, raw, expected) in cases {
             let error = MessageRequest::parse(chat, &raw).unwrap_err().to_string();

@@ -7,8 +7,8 @@ use crate::outbox::{insert_event_with, NewEvent, INSERT_EVENT_SQL};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use serde::Serialize;
 use std::sync::Arc;
-use tokio_postgres::types::ToSql;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 const INSERT_MESSAGE_SQL: &str =
@@ -52,11 +52,16 @@ pub struct ChatStore {
 
 impl ChatStore {
     /// A store with up to `pool_size` connections to `database`.
-    pub fn new(database: tokio_postgres::Config, pool_size: usize) -> Result<ChatStore, StoreError> {
+    pub fn new(
+        database: tokio_postgres::Config,
+        pool_size: usize,
+    ) -> Result<ChatStore, StoreError> {
         let manager = Manager::from_config(
             database,
             tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size)
@@ -65,7 +70,10 @@ impl ChatStore {
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(ChatStore { pool, before_commit: None })
+        Ok(ChatStore {
+            pool,
+            before_commit: None,
+        })
     }
 
     /// Installs a hook run between the inserts and the commit (tests only).
@@ -78,8 +86,10 @@ impl ChatStore {
     pub async fn post(&self, message: &ValidMessage) -> Result<Created, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (insert_message, insert_event) =
-            tokio::try_join!(tx.prepare_cached(INSERT_MESSAGE_SQL), tx.prepare_cached(INSERT_EVENT_SQL))?;
+        let (insert_message, insert_event) = tokio::try_join!(
+            tx.prepare_cached(INSERT_MESSAGE_SQL),
+            tx.prepare_cached(INSERT_EVENT_SQL)
+        )?;
 
         let message_id = Uuid::new_v4();
         let chat_id = message.chat_id.to_string();
@@ -95,8 +105,13 @@ impl ChatStore {
             .user(message.user_id)
             .project(message.project_id);
         // Both statements go out in one round trip; the server runs them in order.
-        let message_params: [&(dyn ToSql + Sync); 5] =
-            [&message_id, &message.project_id, &message.user_id, &message.role, &message.content];
+        let message_params: [&(dyn ToSql + Sync); 5] = [
+            &message_id,
+            &message.project_id,
+            &message.user_id,
+            &message.role,
+            &message.content,
+        ];
         let (_, event_id) = tokio::try_join!(
             tx.execute(&insert_message, &message_params),
             insert_event_with(&*tx, &insert_event, &event),
@@ -106,6 +121,9 @@ impl ChatStore {
             hook().map_err(StoreError::Aborted)?;
         }
         tx.commit().await?;
-        Ok(Created { message_id, event_id })
+        Ok(Created {
+            message_id,
+            event_id,
+        })
     }
 }

@@ -40,8 +40,20 @@ pub struct NewEvent<'a> {
 }
 
 impl<'a> NewEvent<'a> {
-    pub fn new(aggregate_type: &'a str, aggregate_id: &'a str, event_type: &'a str, payload: &'a serde_json::Value) -> Self {
-        NewEvent { aggregate_type, aggregate_id, user_id: None, project_id: None, event_type, payload }
+    pub fn new(
+        aggregate_type: &'a str,
+        aggregate_id: &'a str,
+        event_type: &'a str,
+        payload: &'a serde_json::Value,
+    ) -> Self {
+        NewEvent {
+            aggregate_type,
+            aggregate_id,
+            user_id: None,
+            project_id: None,
+            event_type,
+            payload,
+        }
     }
 
     pub fn user(mut self, user_id: Uuid) -> Self {
@@ -56,13 +68,20 @@ impl<'a> NewEvent<'a> {
 }
 
 /// Inserts `event` on `client` (a transaction, normally) and returns its id.
-pub async fn insert_event<C: GenericClient + Sync>(client: &C, event: &NewEvent<'_>) -> Result<Uuid, tokio_postgres::Error> {
+pub async fn insert_event<C: GenericClient + Sync>(
+    client: &C,
+    event: &NewEvent<'_>,
+) -> Result<Uuid, tokio_postgres::Error> {
     insert_event_with(client, INSERT_EVENT_SQL, event).await
 }
 
 /// As [`insert_event`], with a statement the caller prepared (and cached) from
 /// [`INSERT_EVENT_SQL`]: one round trip instead of a parse and an execute.
-pub async fn insert_event_with<C, S>(client: &C, statement: &S, event: &NewEvent<'_>) -> Result<Uuid, tokio_postgres::Error>
+pub async fn insert_event_with<C, S>(
+    client: &C,
+    statement: &S,
+    event: &NewEvent<'_>,
+) -> Result<Uuid, tokio_postgres::Error>
 where
     C: GenericClient + Sync,
     S: ToStatement + Sync + Send + ?Sized,

@@ -36,7 +36,11 @@ pub enum HarnessError {
         log: String,
     },
     #[error("{what} exited with {status}: {output}")]
-    Failed { what: String, status: String, output: String },
+    Failed {
+        what: String,
+        status: String,
+        output: String,
+    },
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -52,8 +56,8 @@ impl HarnessError {
 /// used, so another process could take it in between; the servers' start-up
 /// checks turn that (rare) race into a clear error rather than a wrong server.
 pub fn free_port() -> Result<u16, HarnessError> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(HarnessError::io("binding 127.0.0.1:0"))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(HarnessError::io("binding 127.0.0.1:0"))?;
     let port = listener
         .local_addr()
         .map_err(HarnessError::io("reading a bound port"))?
@@ -78,7 +82,8 @@ pub fn alembic_bin() -> Result<PathBuf, HarnessError> {
     }
     Err(HarnessError::NotFound {
         what: "alembic".into(),
-        hint: "run scripts/setup (it makes .venv with alembic/requirements.txt) or set ALEMBIC".into(),
+        hint: "run scripts/setup (it makes .venv with alembic/requirements.txt) or set ALEMBIC"
+            .into(),
     })
 }
 

@@ -32,11 +32,14 @@ impl NatsServer {
 
     /// Starts with extra `nats-server` arguments.
     pub fn start_with(args: &[&str]) -> Result<NatsServer, HarnessError> {
-        let binary = find_binary("nats-server", &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-            .ok_or_else(|| HarnessError::NotFound {
-                what: "nats-server".into(),
-                hint: "apt-get install -y nats-server".into(),
-            })?;
+        let binary = find_binary(
+            "nats-server",
+            &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")],
+        )
+        .ok_or_else(|| HarnessError::NotFound {
+            what: "nats-server".into(),
+            hint: "apt-get install -y nats-server".into(),
+        })?;
         let dir = tempfile::Builder::new()
             .prefix("outbox-tailer-nats-")
             .tempdir()
@@ -67,7 +70,14 @@ impl NatsServer {
         let log = self.dir.path().join("nats.log");
         let mut command = Command::new(&self.binary);
         command
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.dir.path().join("store"))
             .arg("-l")
             .arg(&log)
@@ -76,12 +86,15 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         die_with_parent(&mut command);
-        let mut child = command.spawn().map_err(HarnessError::io("starting nats-server"))?;
+        let mut child = command
+            .spawn()
+            .map_err(HarnessError::io("starting nats-server"))?;
         let port = self.port;
         // Ready once it greets a client with INFO; the log confirms it is ours
         // (and JetStream is up) rather than a stranger that took the port.
         let ready = wait_until(&mut child, START_TIMEOUT, || {
-            greets(port) && std::fs::read_to_string(&log).is_ok_and(|text| text.contains("Server is ready"))
+            greets(port)
+                && std::fs::read_to_string(&log).is_ok_and(|text| text.contains("Server is ready"))
         });
         match ready {
             Ok(()) => {
@@ -92,7 +105,10 @@ impl NatsServer {
                 let _ = child.kill();
                 let _ = child.wait();
                 Err(HarnessError::NotReady {
-                    what: format!("nats-server on port {port}{}", exit.map(|s| format!(" ({s})")).unwrap_or_default()),
+                    what: format!(
+                        "nats-server on port {port}{}",
+                        exit.map(|s| format!(" ({s})")).unwrap_or_default()
+                    ),
                     timeout: START_TIMEOUT,
                     log: log_tail(&log, 20),
                 })
@@ -103,7 +119,14 @@ impl NatsServer {
     /// Stops the server: gracefully (SIGTERM) or as a crash (SIGKILL).
     pub fn stop(&mut self, graceful: bool) {
         if let Some(mut child) = self.child.take() {
-            signal(&child, if graceful { libc::SIGTERM } else { libc::SIGKILL });
+            signal(
+                &child,
+                if graceful {
+                    libc::SIGTERM
+                } else {
+                    libc::SIGKILL
+                },
+            );
             wait_or_kill(&mut child, STOP_TIMEOUT);
         }
     }
@@ -128,7 +151,9 @@ impl Drop for NatsServer {
 }
 
 fn greets(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));

@@ -1,7 +1,9 @@
 //! A throwaway PostgreSQL: `initdb` into a temp dir, `postgres` on a free
 //! loopback port with `wal_level=logical`, stopped and removed on drop.
 
-use super::process::{die_with_parent, find_binary, log_tail, signal, user_ids, wait_or_kill, wait_until};
+use super::process::{
+    die_with_parent, find_binary, log_tail, signal, user_ids, wait_or_kill, wait_until,
+};
 use super::{free_port, HarnessError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
@@ -68,23 +70,40 @@ impl PgServer {
 
     fn init(settings: Vec<(String, String)>) -> Result<PgServer, HarnessError> {
         let bindir = bindir()?;
-        let run_as = if running_as_root() { Some(user_ids("postgres")?) } else { None };
+        let run_as = if running_as_root() {
+            Some(user_ids("postgres")?)
+        } else {
+            None
+        };
         let dir = tempfile::Builder::new()
             .prefix("outbox-tailer-pg-")
             .tempdir()
             .map_err(HarnessError::io("creating a temp dir"))?;
         if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                .map_err(HarnessError::io("handing the temp dir to the postgres user"))?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(
+                HarnessError::io("handing the temp dir to the postgres user"),
+            )?;
         }
         let mut initdb = Command::new(bindir.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(dir.path().join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"]);
+        initdb.arg("-D").arg(dir.path().join("data")).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]);
         run_to_end(as_user(&mut initdb, run_as, dir.path()), "initdb")?;
 
-        let mut server = PgServer { child: None, port: 0, bindir, run_as, settings, dir };
+        let mut server = PgServer {
+            child: None,
+            port: 0,
+            bindir,
+            run_as,
+            settings,
+            dir,
+        };
         // The free port is only reserved until we let go of it: if another
         // process takes it in between, try another.
         let mut last_error = None;
@@ -111,7 +130,10 @@ impl PgServer {
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()));
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ));
         let defaults = [
             ("listen_addresses", "127.0.0.1"),
             ("wal_level", "logical"),
@@ -130,11 +152,16 @@ impl PgServer {
             command.arg("-c").arg(format!("{name}={value}"));
         }
         command
-            .stdout(Stdio::from(log.try_clone().map_err(HarnessError::io("cloning the log fd"))?))
+            .stdout(Stdio::from(
+                log.try_clone()
+                    .map_err(HarnessError::io("cloning the log fd"))?,
+            ))
             .stderr(Stdio::from(log));
         as_user(&mut command, self.run_as, self.dir.path());
         die_with_parent(&mut command);
-        let mut child = command.spawn().map_err(HarnessError::io("starting postgres"))?;
+        let mut child = command
+            .spawn()
+            .map_err(HarnessError::io("starting postgres"))?;
 
         let pid_file = self.data_dir().join("postmaster.pid");
         let expected_pid = child.id().to_string();
@@ -143,7 +170,8 @@ impl PgServer {
             // accepts connections).
             let text = std::fs::read_to_string(&pid_file).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            lines.first() == Some(&expected_pid.as_str()) && lines.get(7).map(|s| s.trim()) == Some("ready")
+            lines.first() == Some(&expected_pid.as_str())
+                && lines.get(7).map(|s| s.trim()) == Some("ready")
         });
         match ready {
             Ok(()) => {
@@ -154,7 +182,11 @@ impl PgServer {
                 let _ = child.kill();
                 let _ = child.wait();
                 Err(HarnessError::NotReady {
-                    what: format!("postgres on port {}{}", self.port, exit.map(|s| format!(" ({s})")).unwrap_or_default()),
+                    what: format!(
+                        "postgres on port {}{}",
+                        self.port,
+                        exit.map(|s| format!(" ({s})")).unwrap_or_default()
+                    ),
                     timeout: START_TIMEOUT,
                     log: log_tail(&self.log_path(), 20),
                 })
@@ -165,7 +197,14 @@ impl PgServer {
     /// Stops the server; `start_again` brings it back with its data.
     pub fn stop(&mut self, mode: StopMode) {
         if let Some(mut child) = self.child.take() {
-            signal(&child, if mode == StopMode::Fast { libc::SIGINT } else { libc::SIGQUIT });
+            signal(
+                &child,
+                if mode == StopMode::Fast {
+                    libc::SIGINT
+                } else {
+                    libc::SIGQUIT
+                },
+            );
             wait_or_kill(&mut child, STOP_TIMEOUT);
         }
     }
@@ -200,7 +239,8 @@ impl PgServer {
 
     /// Connects as `postgres` to `database`; the connection runs on a spawned task.
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client, HarnessError> {
-        let (client, connection) = tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls).await?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -210,7 +250,9 @@ impl PgServer {
     /// Creates a fresh database and returns its URL.
     pub async fn create_database(&self, name: &str) -> Result<String, HarnessError> {
         let admin = self.connect("postgres").await?;
-        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
         Ok(self.url(name))
     }
 
@@ -248,10 +290,17 @@ fn bindir() -> Result<PathBuf, HarnessError> {
         candidates.push(PathBuf::from(dir));
     }
     if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
-        candidates.push(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
+        candidates.push(PathBuf::from(
+            String::from_utf8_lossy(&output.stdout).trim(),
+        ));
     }
     let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versioned.sort_by_key(|p| {
         p.parent()
@@ -275,7 +324,11 @@ fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn as_user<'a>(command: &'a mut Command, run_as: Option<(u32, u32)>, cwd: &Path) -> &'a mut Command {
+fn as_user<'a>(
+    command: &'a mut Command,
+    run_as: Option<(u32, u32)>,
+    cwd: &Path,
+) -> &'a mut Command {
     if let Some((uid, gid)) = run_as {
         command.uid(uid).gid(gid).env("HOME", cwd);
     }
@@ -283,7 +336,9 @@ fn as_user<'a>(command: &'a mut Command, run_as: Option<(u32, u32)>, cwd: &Path)
 }
 
 fn run_to_end(command: &mut Command, what: &str) -> Result<(), HarnessError> {
-    let output = command.output().map_err(HarnessError::io(format!("running {what}")))?;
+    let output = command
+        .output()
+        .map_err(HarnessError::io(format!("running {what}")))?;
     if output.status.success() {
         Ok(())
     } else {

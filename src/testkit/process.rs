@@ -2,8 +2,8 @@
 //! signalling, bounded waits and reading the tail of a log.
 
 use super::HarnessError;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -102,4 +102,3 @@ pub(super) fn die_with_parent(command: &mut Command) {
         });
     }
 }
-
