@@ -2,10 +2,16 @@
 //! JetStream by tailing a logical replication slot. The WAL is the queue.
 //!
 //! # Layout
+//! - [`app`]: `run` (the session loop, reconnecting after failures) and `setup`.
+//! - [`pipeline`]: one replication session: reader → acker → marker tasks.
+//! - [`replication`]: start-up checks, publication and slot, the replication
+//!   stream, pgoutput decoding (pure), LSN progress.
+//! - [`publish`]: subjects and messages (pure), the JetStream connection and stream.
+//! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`].
 //! - [`config`]: the command line and environment (the contract's flags) and
 //!   their validation into one [`config::Config`].
 //! - [`outbox`]: the `event_outbox` table: the producer API that writes an event
-//!   inside the caller's transaction.
+//!   inside the caller's transaction, and the batched status writes.
 //! - [`chat`]: the reference chat endpoint: posts a message and its
 //!   `message.created` event in one transaction (the demo's and benchmarks' load).
 //! - [`testkit`]: throwaway PostgreSQL and nats-server processes for tests, the
@@ -23,7 +29,14 @@
 //! once and, within the stream's duplicate window (`Nats-Msg-Id` = event id),
 //! exactly once, in commit order per aggregate. See `CONTRACT.md`.
 
+pub mod app;
+pub mod backoff;
 pub mod chat;
 pub mod config;
+pub mod error;
 pub mod outbox;
+pub mod pipeline;
+pub mod publish;
+pub mod replication;
+pub mod shutdown;
 pub mod testkit;

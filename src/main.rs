@@ -3,10 +3,13 @@
 
 use clap::Parser;
 use outbox_tailer::config::{Cli, Command, Config, LogFormat};
+use outbox_tailer::{app, shutdown};
 use std::process::ExitCode;
 
 /// Exit code for a configuration the tailer cannot run with.
 const EXIT_CONFIG: u8 = 2;
+/// Exit code for a failure at run time (the line says what to fix).
+const EXIT_FAILURE: u8 = 1;
 /// Exit code for a subcommand this build does not do yet.
 const EXIT_UNAVAILABLE: u8 = 69;
 
@@ -21,24 +24,57 @@ fn main() -> ExitCode {
         }
     };
     tracing::debug!(?config, "configuration");
-    let (name, issue) = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => ("run", "#3 (the tailer)"),
-        Command::Setup => ("setup", "#3 (the tailer)"),
-        Command::Status { .. } => ("status", "#4 (observability)"),
-        Command::Requeue(_) => ("requeue", "#5 (dead letters)"),
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("outbox-tailer: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
     };
-    eprintln!(
-        "outbox-tailer: `{name}` is not available in this build yet; it arrives with issue {issue}"
-    );
-    ExitCode::from(EXIT_UNAVAILABLE)
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => {
+                let shutdown =
+                    shutdown::on_signals().map_err(|e| format!("cannot handle signals: {e}"))?;
+                app::run(&config, shutdown).await.map_err(|e| e.to_string())
+            }
+            Command::Setup => app::setup(&config).await.map_err(|e| e.to_string()),
+            Command::Status { .. } => Err(unavailable("status", "#4 (observability)")),
+            Command::Requeue(_) => Err(unavailable("requeue", "#5 (dead letters)")),
+        }
+    });
+    // Whatever is still running (a NATS reconnect loop) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(line) if line.starts_with(UNAVAILABLE) => {
+            eprintln!("outbox-tailer: {line}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(line) => {
+            eprintln!("outbox-tailer: {line}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+const UNAVAILABLE: &str = "not available in this build yet";
+
+fn unavailable(name: &str, issue: &str) -> String {
+    format!("{UNAVAILABLE}: `{name}` arrives with issue {issue}")
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

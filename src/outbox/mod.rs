@@ -1,5 +1,7 @@
-//! The `event_outbox` table, seen from Rust.
+//! The `event_outbox` table, seen from Rust: the producer API, and the
+//! tailer's status writes.
 
+pub mod marker;
 pub mod producer;
 
 pub use producer::{insert_event, insert_event_with, NewEvent, INSERT_EVENT_SQL};

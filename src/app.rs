@@ -1,0 +1,106 @@
+//! The tailer's top level: `setup`, and `run` (the outer loop that starts a
+//! replication session, and another after a retryable failure, until shutdown).
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::error::{Action, Error};
+use crate::pipeline;
+use crate::publish::jetstream;
+use crate::replication::setup;
+use crate::shutdown::Shutdown;
+use std::time::{Duration, Instant};
+
+/// A session that streamed this long counts as healthy: the next failure
+/// starts the backoff from the beginning.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+/// `outbox-tailer setup`: checks, then publication, slot and stream.
+pub async fn setup(config: &Config) -> Result<(), Error> {
+    let db = setup::connect(config).await?;
+    setup::prepare(&db, config).await?;
+    let js = jetstream::context(jetstream::connect(config).await?);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        jetstream::ensure_stream(&js, config),
+    )
+    .await
+    .map_err(|_| {
+        Error::Nats(format!(
+            "no answer from JetStream at {} within 30 s",
+            crate::config::redact_url(&config.nats_url)
+        ))
+    })??;
+    tracing::info!(slot = %config.slot, publication = %config.publication, stream = %config.stream, "setup complete");
+    Ok(())
+}
+
+/// `outbox-tailer run`: fails fast on what an operator must fix, then
+/// streams until `shutdown`, reconnecting (with backoff) after failures.
+pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
+    {
+        let db = setup::connect(config).await?;
+        setup::prepare(&db, config).await?;
+    }
+    let js = jetstream::context(jetstream::connect(config).await?);
+    if !ensure_stream(&js, config, &mut shutdown).await {
+        return Ok(());
+    }
+    let mut attempt = 0;
+    loop {
+        let started = Instant::now();
+        let error = match pipeline::run_session(config, &js, &mut shutdown).await {
+            Ok(drained) => {
+                tracing::info!(confirmed = %drained.confirmed, "stopped");
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        if error.action() == Action::Stop {
+            return Err(error);
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            attempt = 0;
+        }
+        let delay = Backoff::RECONNECT.delay(attempt);
+        attempt += 1;
+        if error.slot_in_use() {
+            tracing::info!(slot = %config.slot, "standby: another tailer holds the slot; waiting to take over");
+        } else {
+            tracing::warn!(%error, retry_in = ?delay, "replication session ended; reconnecting");
+        }
+        if sleep_or_shutdown(delay, &mut shutdown).await {
+            return Ok(());
+        }
+    }
+}
+
+/// Retries creating the stream until it exists (NATS may be down at start,
+/// which is not fatal). False when shutdown came first.
+async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    config: &Config,
+    shutdown: &mut Shutdown,
+) -> bool {
+    let mut attempt = 0;
+    loop {
+        match jetstream::ensure_stream(js, config).await {
+            Ok(()) => return true,
+            Err(error) => {
+                let delay = Backoff::RECONNECT.delay(attempt);
+                attempt += 1;
+                tracing::warn!(%error, retry_in = ?delay, "JetStream not available yet");
+                if sleep_or_shutdown(delay, shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for `delay`; true when shutdown came first.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &mut Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.fired() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}

@@ -1,0 +1,62 @@
+//! Exponential backoff with jitter and a cap. Pure code.
+
+use std::time::Duration;
+
+/// A backoff policy: `base * 2^attempt`, capped, with "full jitter" (a
+/// uniform pick in `[delay/2, delay]`) so many waiters do not retry in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// Reconnecting a session: 250 ms, doubling, at most 30 s.
+    pub const RECONNECT: Backoff = Backoff {
+        base: Duration::from_millis(250),
+        cap: Duration::from_secs(30),
+    };
+
+    /// The delay before retry number `attempt` (0 for the first retry).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_with(attempt, fastrand::f64())
+    }
+
+    /// As [`Backoff::delay`], with the jitter given (`0.0..1.0`) for tests.
+    pub fn delay_with(&self, attempt: u32, jitter: f64) -> Duration {
+        let full = self
+            .base
+            .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+            .min(self.cap);
+        full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(30),
+        };
+        assert_eq!(b.delay_with(0, 1.0), Duration::from_millis(100));
+        assert_eq!(b.delay_with(3, 1.0), Duration::from_millis(800));
+        assert_eq!(b.delay_with(3, 0.0), Duration::from_millis(400));
+        assert_eq!(b.delay_with(20, 1.0), Duration::from_secs(30));
+        assert_eq!(
+            b.delay_with(u32::MAX, 1.0),
+            Duration::from_secs(30),
+            "no overflow"
+        );
+        for attempt in 0..40 {
+            let d = b.delay(attempt);
+            assert!(
+                d <= Duration::from_secs(30) && d >= Duration::from_millis(50),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+}

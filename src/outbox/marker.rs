@@ -1,0 +1,133 @@
+//! Status writes after the JetStream ack: rows become `published` with
+//! `published_at`, one `UPDATE … WHERE id = ANY($1)` per batch, and with
+//! `--event-logs` the `event_logs` projection in the same statement.
+//!
+//! The marker *proves* every id was marked (`RETURNING id`). Logical decoding
+//! can hand a transaction over the moment its commit record is flushed, a
+//! moment before other sessions see its rows; an UPDATE in that moment
+//! matches nothing. Missing ids are retried briefly; the LSN is confirmed only
+//! after the whole batch is marked.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, Statement};
+use uuid::Uuid;
+
+const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
+     WHERE id = ANY($1) AND status = 'pending' RETURNING id";
+
+const MARK_AND_LOG_SQL: &str = "WITH marked AS ( \
+       UPDATE event_outbox SET status = 'published', published_at = now() \
+       WHERE id = ANY($1) AND status = 'pending' \
+       RETURNING id, aggregate_type, aggregate_id, user_id, project_id, event_type, payload, created_at, published_at), \
+     logged AS ( \
+       INSERT INTO event_logs (event_id, aggregate_type, aggregate_id, user_id, project_id, event_type, payload, created_at, published_at) \
+       SELECT * FROM marked ON CONFLICT (event_id) DO NOTHING) \
+     SELECT id FROM marked";
+
+/// Rows already past `pending`: marked by an earlier run, or dead-lettered.
+const SETTLED_SQL: &str = "SELECT id FROM event_outbox WHERE id = ANY($1) AND status <> 'pending'";
+
+/// How long a row that the UPDATE could not see is waited for. The
+/// visibility gap lasts microseconds; a row still unseen after this is gone
+/// (deleted in its own transaction, or by a cleanup job).
+const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
+
+/// What one batch came to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Marked {
+    /// Rows this batch moved to `published`.
+    pub marked: usize,
+    /// UPDATE attempts beyond the first (the visibility gap at work).
+    pub retries: usize,
+    /// Rows that no longer exist; their events were published all the same.
+    pub vanished: usize,
+}
+
+pub struct Marker {
+    mark: Statement,
+    settled: Statement,
+}
+
+impl Marker {
+    pub async fn prepare(db: &Client, event_logs: bool) -> Result<Marker, tokio_postgres::Error> {
+        let mark = db
+            .prepare(if event_logs {
+                MARK_AND_LOG_SQL
+            } else {
+                MARK_SQL
+            })
+            .await?;
+        let settled = db.prepare(SETTLED_SQL).await?;
+        Ok(Marker { mark, settled })
+    }
+
+    /// Marks every id published, or returns an error (and the caller confirms nothing).
+    pub async fn mark(&self, db: &Client, ids: &[Uuid]) -> Result<Marked, tokio_postgres::Error> {
+        let first = db.query(&self.mark, &[&ids]).await?;
+        // Ids in a batch are distinct (primary keys of committed inserts), so
+        // equal counts prove every one was marked.
+        if first.len() == ids.len() {
+            return Ok(Marked {
+                marked: ids.len(),
+                ..Marked::default()
+            });
+        }
+        let mut outcome = Marked {
+            marked: first.len(),
+            ..Marked::default()
+        };
+        let done: HashSet<Uuid> = first.iter().map(|row| row.get(0)).collect();
+        let mut missing: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !done.contains(id))
+            .copied()
+            .collect();
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            // Rows someone else already settled need nothing more.
+            let settled: HashSet<Uuid> = db
+                .query(&self.settled, &[&missing])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            missing.retain(|id| !settled.contains(id));
+            if missing.is_empty() {
+                return Ok(outcome);
+            }
+            if started.elapsed() >= VISIBILITY_WAIT {
+                tracing::warn!(count = missing.len(), first = %missing[0],
+                    "published events whose rows no longer exist; nothing to mark");
+                outcome.vanished = missing.len();
+                return Ok(outcome);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+            outcome.retries += 1;
+            let rows = db.query(&self.mark, &[&missing]).await?;
+            outcome.marked += rows.len();
+            let done: HashSet<Uuid> = rows.iter().map(|row| row.get(0)).collect();
+            missing.retain(|id| !done.contains(id));
+            if missing.is_empty() {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Of `ids`, those whose rows are already past `pending`: a replay must
+    /// not publish them again.
+    pub async fn settled(
+        &self,
+        db: &Client,
+        ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
+        Ok(db
+            .query(&self.settled, &[&ids])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+}

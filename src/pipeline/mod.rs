@@ -1,0 +1,225 @@
+//! One replication session: the slot's stream through three stages, each a
+//! task, joined by bounded channels that carry items in commit order.
+//!
+//! ```text
+//!  slot ─► reader ──(publish, keep ack future)──► acker ──(batch of acked ids)──► marker
+//!          decode, replay check, publish           await acks in order            UPDATE … RETURNING id
+//!             ▲                                                                    │
+//!             └──────────── confirmed LSN (watch) ◄────────────────────────────────┘
+//! ```
+//!
+//! Every transaction's end (and every keepalive outside a transaction) goes
+//! down the pipeline as a `Confirm(lsn)` behind its events, so a position
+//! reaches the server only after every event before it is acked *and* marked.
+//! Memory is bounded by the channels and the publish window, however large a
+//! transaction is. Any failure ends the session; the next one resumes from
+//! the slot's confirmed position and re-delivers the rest.
+
+mod acker;
+mod reader;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::outbox::marker::Marker;
+use crate::publish::jetstream::PUBLISH_WINDOW;
+use crate::replication::progress::Progress;
+use crate::replication::{setup, source};
+use crate::shutdown::Shutdown;
+use async_nats::jetstream::context::PublishAckFuture;
+use pgwire_replication::{Lsn, ReplicationClient};
+use reader::Reader;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Time allowed, on shutdown, for in-flight acks and marks to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
+/// Time allowed, on shutdown, for the final position to reach the server.
+const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An item between the reader and the acker, in stream order.
+enum InFlight {
+    /// A published event whose ack is still to come.
+    Event { id: Uuid, ack: PublishAckFuture },
+    /// Everything before this position has been handed to the pipeline.
+    Confirm(Lsn),
+}
+
+/// Acked ids to mark, and the position to confirm once they are marked.
+#[derive(Debug, Default)]
+struct Batch {
+    ids: Vec<Uuid>,
+    confirm: Option<Lsn>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.confirm.is_none()
+    }
+}
+
+/// How a session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// The last position confirmed to the server.
+    pub confirmed: Lsn,
+}
+
+/// Streams until shutdown (`Ok`) or a failure (`Err`, the caller decides
+/// whether to start another session).
+pub async fn run_session(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    shutdown: &mut Shutdown,
+) -> Result<Drained, Error> {
+    let db = Arc::new(
+        setup::connect(config)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?,
+    );
+    let marker = Arc::new(Marker::prepare(&db, config.event_logs).await?);
+    let mut stream = source::open(config).await?;
+    // Transactions that committed before this point may have been published
+    // by an earlier run (a replay): their rows are checked before publishing.
+    let horizon = current_wal_lsn(&db).await?;
+    tracing::info!(slot = %config.slot, replay_horizon = %horizon, "streaming");
+
+    let (inflight_tx, inflight_rx) = mpsc::channel(PUBLISH_WINDOW);
+    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let (confirmed_tx, mut confirmed_rx) = watch::channel(Lsn::ZERO);
+    let mut acker = tokio::spawn(acker::run(inflight_rx, batch_tx));
+    let mut marking = tokio::spawn(mark_batches(
+        db.clone(),
+        marker.clone(),
+        batch_rx,
+        confirmed_tx,
+    ));
+    let mut reader = Reader::new(config, js.clone(), inflight_tx, db, marker, horizon);
+    let mut progress = Progress::new(Lsn::ZERO);
+
+    // Priorities: shutdown first, then a failed stage, then confirmations
+    // (they free WAL on the server), then the next replication event.
+    let failure = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.fired() => break None,
+            ended = &mut acker => break Some(stage_failure("acker", ended)),
+            ended = &mut marking => break Some(stage_failure("marker", ended)),
+            Ok(()) = confirmed_rx.changed() => confirm(&stream, &mut progress, *confirmed_rx.borrow_and_update()),
+            event = stream.recv() => {
+                let handled = match event {
+                    Ok(Some(event)) => reader.on_event(event).await,
+                    Ok(None) => Err(Error::Unavailable("the server ended the replication stream".into())),
+                    Err(error) => Err(error.into()),
+                };
+                if let Err(error) = handled {
+                    break Some(error);
+                }
+            }
+        }
+    };
+
+    if let Some(error) = failure {
+        let error = root_cause(error, &mut acker, &mut marking).await;
+        acker.abort();
+        marking.abort();
+        stream.abort();
+        return Err(error);
+    }
+
+    // Shutdown: stop reading, let what is in flight finish, confirm it.
+    drop(reader);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let acked = (&mut acker).await;
+        let marked = (&mut marking).await;
+        (acked, marked)
+    })
+    .await;
+    if let Ok((Ok(Err(error)), _) | (_, Ok(Err(error)))) = drained {
+        tracing::warn!(%error, "in-flight events did not all finish; they will be re-delivered");
+    }
+    acker.abort();
+    marking.abort();
+    confirm(&stream, &mut progress, *confirmed_rx.borrow());
+    wait_for_feedback(&stream, progress.confirmed()).await;
+    stream.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    Ok(Drained {
+        confirmed: progress.confirmed(),
+    })
+}
+
+/// The marker stage: marks each batch, then publishes its confirm position.
+async fn mark_batches(
+    db: Arc<Client>,
+    marker: Arc<Marker>,
+    mut batches: mpsc::Receiver<Batch>,
+    confirmed: watch::Sender<Lsn>,
+) -> Result<(), Error> {
+    while let Some(batch) = batches.recv().await {
+        if !batch.ids.is_empty() {
+            let outcome = marker.mark(&db, &batch.ids).await?;
+            if outcome.retries > 0 || outcome.vanished > 0 {
+                tracing::debug!(?outcome, "marking needed retries");
+            }
+        }
+        if let Some(lsn) = batch.confirm {
+            confirmed.send_replace(lsn);
+        }
+    }
+    Ok(())
+}
+
+fn confirm(stream: &ReplicationClient, progress: &mut Progress, lsn: Lsn) {
+    if lsn > progress.confirmed() && progress.confirm(lsn) {
+        stream.update_applied_lsn(lsn);
+    }
+}
+
+/// Waits (bounded) until the server has been told about `lsn`.
+async fn wait_for_feedback(stream: &ReplicationClient, lsn: Lsn) {
+    let deadline = Instant::now() + FEEDBACK_TIMEOUT;
+    while stream.metrics().last_applied_lsn() < lsn && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stage_failure(stage: &str, ended: Result<Result<(), Error>, tokio::task::JoinError>) -> Error {
+    match ended {
+        Ok(Err(error)) => error,
+        Ok(Ok(())) => Error::Internal(format!("the {stage} stopped unexpectedly")),
+        Err(join) => Error::Internal(format!("the {stage} failed: {join}")),
+    }
+}
+
+async fn current_wal_lsn(db: &Client) -> Result<Lsn, Error> {
+    let lsn: tokio_postgres::types::PgLsn = db
+        .query_one("SELECT pg_current_wal_lsn()", &[])
+        .await?
+        .get(0);
+    Ok(Lsn(u64::from(lsn)))
+}
+
+/// A stage's own error explains a failure better than the closed channel the
+/// stage before it saw: prefer the marker's, then the acker's.
+async fn root_cause(
+    error: Error,
+    acker: &mut JoinHandle<Result<(), Error>>,
+    marking: &mut JoinHandle<Result<(), Error>>,
+) -> Error {
+    if !matches!(error, Error::PipelineClosed) {
+        return error;
+    }
+    for (stage, handle) in [("marker", marking), ("acker", acker)] {
+        if let Ok(ended) = tokio::time::timeout(Duration::from_secs(1), &mut *handle).await {
+            let cause = stage_failure(stage, ended);
+            if !matches!(cause, Error::PipelineClosed) {
+                return cause;
+            }
+        }
+    }
+    error
+}

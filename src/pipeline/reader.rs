@@ -1,0 +1,146 @@
+//! The reader stage: replication events → decoded outbox rows → publishes,
+//! with `Confirm` markers at transaction ends and idle keepalives.
+
+use super::InFlight;
+use crate::config::Config;
+use crate::error::Error;
+use crate::outbox::marker::Marker;
+use crate::publish::message::Message;
+use crate::replication::pgoutput::{Decoder, OutboxRow};
+use async_nats::jetstream::{self, message::PublishMessage};
+use pgwire_replication::{Lsn, ReplicationEvent};
+use std::sync::Arc;
+use tokio::sync::mpsc::Sender;
+use tokio_postgres::Client;
+
+/// Rows of a replayed transaction checked against the table in one query.
+const REPLAY_CHUNK: usize = 2000;
+
+pub(super) struct Reader {
+    decoder: Decoder,
+    subject_prefix: String,
+    js: jetstream::Context,
+    inflight: Sender<InFlight>,
+    db: Arc<Client>,
+    marker: Arc<Marker>,
+    /// Transactions committed before this position may be replays.
+    horizon: Lsn,
+    /// The open transaction, if any: whether it is a possible replay.
+    open: Option<bool>,
+    /// Rows of a replayed transaction waiting for their status check.
+    replayed: Vec<OutboxRow>,
+    /// The highest position sent down the pipeline (confirms are monotonic).
+    last_confirm: Lsn,
+}
+
+impl Reader {
+    pub(super) fn new(
+        config: &Config,
+        js: jetstream::Context,
+        inflight: Sender<InFlight>,
+        db: Arc<Client>,
+        marker: Arc<Marker>,
+        horizon: Lsn,
+    ) -> Reader {
+        Reader {
+            decoder: Decoder::new(),
+            subject_prefix: config.subject_prefix.clone(),
+            js,
+            inflight,
+            db,
+            marker,
+            horizon,
+            open: None,
+            replayed: Vec::new(),
+            last_confirm: Lsn::ZERO,
+        }
+    }
+
+    pub(super) async fn on_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        match event {
+            ReplicationEvent::Begin { final_lsn, .. } => {
+                self.open = Some(final_lsn <= self.horizon);
+                Ok(())
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let Some(row) = self.decoder.decode(&data)? else {
+                    return Ok(());
+                };
+                if self.open == Some(true) {
+                    self.replayed.push(row);
+                    if self.replayed.len() >= REPLAY_CHUNK {
+                        self.publish_replayed().await?;
+                    }
+                    Ok(())
+                } else {
+                    self.publish(&row).await
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.publish_replayed().await?;
+                self.open = None;
+                self.confirm(end_lsn).await
+            }
+            // Between transactions everything before the server's position
+            // has been delivered: confirming it lets an idle outbox release
+            // the WAL that other tables write.
+            ReplicationEvent::KeepAlive { wal_end, .. } if self.open.is_none() => {
+                self.confirm(wal_end).await
+            }
+            ReplicationEvent::KeepAlive { .. }
+            | ReplicationEvent::Message { .. }
+            | ReplicationEvent::StoppedAt { .. } => Ok(()),
+        }
+    }
+
+    async fn publish(&mut self, row: &OutboxRow) -> Result<(), Error> {
+        let message = Message::from_row(&self.subject_prefix, row);
+        let ack = self
+            .js
+            .send_publish(
+                message.subject,
+                PublishMessage::build()
+                    .payload(message.body)
+                    .headers(message.headers),
+            )
+            .await
+            .map_err(|e| Error::Nats(format!("publishing event {}: {e}", row.id)))?;
+        self.inflight
+            .send(InFlight::Event { id: row.id, ack })
+            .await
+            .map_err(|_| Error::PipelineClosed)
+    }
+
+    /// Publishes the buffered rows of a replayed transaction, except those an
+    /// earlier run already published (or dead-lettered). Once the replay is
+    /// over this is never reached: the check costs nothing on the live path.
+    async fn publish_replayed(&mut self) -> Result<(), Error> {
+        if self.replayed.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.replayed);
+        let ids: Vec<_> = rows.iter().map(|row| row.id).collect();
+        let settled = self.marker.settled(&self.db, &ids).await?;
+        if !settled.is_empty() {
+            tracing::debug!(
+                skipped = settled.len(),
+                "replay: rows already published are not published again"
+            );
+        }
+        for row in rows.iter().filter(|row| !settled.contains(&row.id)) {
+            self.publish(row).await?;
+        }
+        Ok(())
+    }
+
+    async fn confirm(&mut self, lsn: Lsn) -> Result<(), Error> {
+        if lsn <= self.last_confirm {
+            return Ok(());
+        }
+        self.last_confirm = lsn;
+        self.inflight
+            .send(InFlight::Confirm(lsn))
+            .await
+            .map_err(|_| Error::PipelineClosed)
+    }
+}

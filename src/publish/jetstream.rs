@@ -1,0 +1,142 @@
+//! The NATS connection, the JetStream context and the stream.
+
+use crate::config::Config;
+use crate::error::Error;
+use async_nats::jetstream::{self, stream};
+use std::time::Duration;
+
+/// Publishes in flight at once (acks not yet received): deep enough to keep
+/// the connection busy, small enough that a stalled server holds little.
+pub const PUBLISH_WINDOW: usize = 4096;
+/// JetStream de-duplicates repeats of a `Nats-Msg-Id` within this window.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Servers and credentials from `--nats-url`. The client ignores credentials
+/// embedded in a URL, so they are taken out and passed as options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsTarget {
+    pub servers: Vec<String>,
+    pub user_password: Option<(String, String)>,
+    pub token: Option<String>,
+}
+
+impl NatsTarget {
+    pub fn parse(url: &str) -> NatsTarget {
+        let mut target = NatsTarget {
+            servers: Vec::new(),
+            user_password: None,
+            token: None,
+        };
+        for server in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (scheme, rest) = server.split_once("://").unwrap_or(("nats", server));
+            let (userinfo, host) = match rest.rsplit_once('@') {
+                Some((userinfo, host)) => (Some(userinfo), host),
+                None => (None, rest),
+            };
+            match userinfo.map(|u| u.split_once(':')) {
+                Some(Some((user, password))) => {
+                    target.user_password = Some((user.to_owned(), password.to_owned()))
+                }
+                Some(None) => target.token = userinfo.map(str::to_owned),
+                None => {}
+            }
+            target.servers.push(format!("{scheme}://{host}"));
+        }
+        target
+    }
+}
+
+/// Connects in the background: an unreachable server is not fatal, the
+/// client keeps trying, and publishing waits for it.
+pub async fn connect(config: &Config) -> Result<async_nats::Client, Error> {
+    let target = NatsTarget::parse(&config.nats_url);
+    let mut options = async_nats::ConnectOptions::new()
+        .name("outbox-tailer")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; publishing waits for it")
+                }
+                other => tracing::info!(event = %other, "NATS event"),
+            }
+        });
+    if let Some((user, password)) = target.user_password {
+        options = options.user_and_password(user, password);
+    }
+    if let Some(token) = target.token {
+        options = options.token(token);
+    }
+    options
+        .connect(target.servers)
+        .await
+        .map_err(|e| Error::Nats(format!("cannot connect: {e}")))
+}
+
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .max_ack_inflight(PUBLISH_WINDOW)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// Creates the stream if missing (subjects `<prefix>.>`, file storage, a
+/// two-minute duplicate window). An existing stream is left as it is, with a
+/// warning when it cannot serve the tailer well.
+pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(), Error> {
+    let subjects = format!("{}.>", config.subject_prefix);
+    let wanted = stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![subjects.clone()],
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    };
+    let stream = js.get_or_create_stream(wanted).await.map_err(|e| {
+        Error::Nats(format!(
+            "cannot get or create stream {}: {e}",
+            config.stream
+        ))
+    })?;
+    let info = stream.cached_info();
+    if !info
+        .config
+        .subjects
+        .iter()
+        .any(|s| s == &subjects || s == ">")
+    {
+        tracing::warn!(stream = %config.stream, have = ?info.config.subjects, want = %subjects,
+            "existing stream does not list the tailer's subjects; publishes may find no stream");
+    }
+    if info.config.duplicate_window < DUPLICATE_WINDOW {
+        tracing::warn!(stream = %config.stream, window = ?info.config.duplicate_window,
+            "existing stream's duplicate window is under 2 minutes; repeats after a crash may get through");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NatsTarget;
+
+    #[test]
+    fn credentials_are_taken_out_of_the_url() {
+        let t = NatsTarget::parse("nats://alice:s3cret@10.0.0.1:4222, nats://10.0.0.2:4222");
+        assert_eq!(t.servers, ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]);
+        assert_eq!(t.user_password, Some(("alice".into(), "s3cret".into())));
+        assert_eq!(t.token, None);
+        let t = NatsTarget::parse("tls://t0ken@nats.internal:4222");
+        assert_eq!(
+            (t.servers[0].as_str(), t.token.as_deref()),
+            ("tls://nats.internal:4222", Some("t0ken"))
+        );
+        assert_eq!(
+            NatsTarget::parse("127.0.0.1:4222").servers,
+            ["nats://127.0.0.1:4222"]
+        );
+    }
+}

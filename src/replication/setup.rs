@@ -1,0 +1,186 @@
+//! Start-up checks and the database side of `setup`: wal_level, the role's
+//! REPLICATION attribute, the insert-only publication and the pgoutput slot.
+//! Each failure is one line that says what to do.
+
+use crate::config::Config;
+use crate::replication::pgoutput::OUTBOX_TABLE;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+    #[error("wal_level is {0:?}, but logical decoding needs wal_level = logical: set it in postgresql.conf and restart PostgreSQL")]
+    WalLevel(String),
+    #[error("role {0:?} lacks the REPLICATION attribute: ALTER ROLE {0} REPLICATION (or use sql/roles.sql)")]
+    NotReplicationRole(String),
+    #[error("publication {name:?} is missing and cannot be created ({reason}): run `alembic upgrade head`, or CREATE PUBLICATION {name} FOR TABLE {OUTBOX_TABLE} WITH (publish = 'insert') as the table's owner")]
+    Publication { name: String, reason: String },
+    #[error("table {OUTBOX_TABLE} does not exist: run `alembic upgrade head` (or psql -f sql/schema.sql)")]
+    NoOutboxTable,
+    #[error("replication slot {name:?} uses plugin {plugin:?} on database {database:?}; outbox-tailer needs a pgoutput slot on {expected:?}: drop it or choose another --slot")]
+    WrongSlot {
+        name: String,
+        plugin: String,
+        database: String,
+        expected: String,
+    },
+    #[error("cannot create replication slot {name:?}: {reason}")]
+    Slot { name: String, reason: String },
+    #[error("PostgreSQL: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Connects an ordinary (query) session, failing fast with one clear line.
+pub async fn connect(config: &Config) -> Result<Client, SetupError> {
+    let mut pg = config.database.clone();
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(10));
+    }
+    pg.application_name("outbox-tailer");
+    let (client, connection) =
+        pg.connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| SetupError::Unreachable {
+                target: target(config),
+                reason: error_text(&e),
+            })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "query connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Everything the tailer needs from the database before it streams, created
+/// when missing: the checks of `run` and `setup`.
+pub async fn prepare(db: &Client, config: &Config) -> Result<(), SetupError> {
+    check_server(db).await?;
+    ensure_publication(db, &config.publication).await?;
+    ensure_slot(db, &config.slot).await
+}
+
+/// `wal_level = logical` and a role that may replicate.
+pub async fn check_server(db: &Client) -> Result<(), SetupError> {
+    let wal_level: String = db.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel(wal_level));
+    }
+    let row = db
+        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    if !row.get::<_, bool>(1) {
+        return Err(SetupError::NotReplicationRole(row.get(0)));
+    }
+    Ok(())
+}
+
+async fn ensure_publication(db: &Client, name: &str) -> Result<(), SetupError> {
+    let existing = db
+        .query_opt(
+            "SELECT pubupdate OR pubdelete OR pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?;
+    if let Some(row) = existing {
+        if row.get::<_, bool>(0) {
+            tracing::warn!(publication = name, "publication also publishes updates/deletes/truncates; they are skipped, but cost decoding work: ALTER PUBLICATION {name} SET (publish = 'insert')");
+        }
+        return Ok(());
+    }
+    let table: Option<String> = db
+        .query_one("SELECT to_regclass($1)::text", &[&OUTBOX_TABLE])
+        .await?
+        .get(0);
+    if table.is_none() {
+        return Err(SetupError::NoOutboxTable);
+    }
+    // The name passed validation ([a-z_][a-z0-9_]*), so it needs no quoting.
+    let create =
+        format!("CREATE PUBLICATION {name} FOR TABLE {OUTBOX_TABLE} WITH (publish = 'insert')");
+    match db.batch_execute(&create).await {
+        Ok(()) => {
+            tracing::info!(publication = name, "created publication");
+            Ok(())
+        }
+        // Another tailer created it a moment ago.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) => Err(SetupError::Publication {
+            name: name.to_owned(),
+            reason: error_text(&e),
+        }),
+    }
+}
+
+async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
+    let existing = db
+        .query_opt(
+            "SELECT coalesce(plugin, ''), coalesce(database, ''), current_database()::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    if let Some(row) = existing {
+        let (plugin, database, expected): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        if plugin != "pgoutput" || database != expected {
+            return Err(SetupError::WrongSlot {
+                name: name.to_owned(),
+                plugin,
+                database,
+                expected,
+            });
+        }
+        return Ok(());
+    }
+    match db
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(slot = name, "created replication slot");
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) => Err(SetupError::Slot {
+            name: name.to_owned(),
+            reason: error_text(&e),
+        }),
+    }
+}
+
+/// `host:port/db` of the configured database, for messages (no password).
+pub fn target(config: &Config) -> String {
+    let host = match config.database.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.database.get_ports().first().copied().unwrap_or(5432);
+    let db = config
+        .database
+        .get_dbname()
+        .or(config.database.get_user())
+        .unwrap_or("");
+    format!("{host}:{port}/{db}")
+}
+
+/// The most useful text of a tokio-postgres error: the server's message, or
+/// the underlying I/O cause (tokio-postgres' own Display is often just "db error").
+pub fn error_text(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
