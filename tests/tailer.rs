@@ -318,11 +318,20 @@ async fn mixed_load_reaches_the_stream_exactly_once_in_order() {
 async fn updates_deletes_and_domain_writes_publish_nothing() {
     let env = Env::start().await;
     let db = env.db().await;
-    let tailer = env.tailer(&["run"]);
+    let tailer = env.tailer(&["run", "--event-logs"]);
     wait_streaming(&db, SLOT, &tailer).await;
     let js = env.js().await;
     insert_events(&db, "chat-a", 0, 20).await;
     wait_all_published(&db, &js, STREAM, 20, Duration::from_secs(30)).await;
+    let logged: i64 = db
+        .query_one("SELECT count(*) FROM event_logs l JOIN event_outbox o ON o.id = l.event_id AND o.published_at = l.published_at", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        logged, 20,
+        "--event-logs projects every published event with its published_at"
+    );
 
     db.batch_execute(
         "UPDATE event_outbox SET last_error = 'touched', retry_count = retry_count + 1; \
