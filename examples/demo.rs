@@ -1,12 +1,15 @@
 //! The end-to-end demo behind `scripts/demo`: a throwaway PostgreSQL and NATS,
-//! the migrations, the chat endpoint, and a stream of chat messages posted to
-//! it over HTTP, with what lands in `messages` and `event_outbox` printed as
-//! it flows. Ctrl-C (or `--seconds N`) stops it and removes everything.
+//! the migrations, the chat endpoint, the tailer, and a stream of chat
+//! messages posted over HTTP, with each event printed as it arrives from NATS
+//! and the outbox's state every few seconds. Ctrl-C (or `--seconds N`) stops
+//! it and removes everything.
 
 use clap::Parser;
+use futures_util::StreamExt;
 use outbox_tailer::chat::{self, ChatStore};
-use outbox_tailer::config::parse_database_url;
+use outbox_tailer::config::{parse_database_url, Cli, Config};
 use outbox_tailer::testkit::{alembic, NatsServer, PgServer};
+use outbox_tailer::{app, shutdown};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +53,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = ChatStore::new(parse_database_url(&url)?, 4)?;
     let api = chat::spawn("127.0.0.1:0".parse()?, Arc::new(store)).await?;
     let db = pg.connect("chat").await?;
+    tracing_subscriber::fmt()
+        .with_env_filter("info,async_nats=warn")
+        .with_writer(std::io::stderr)
+        .init();
+
+    // The tailer, in-process, exactly as `outbox-tailer run` would run it.
+    let cli = Cli::try_parse_from([
+        "outbox-tailer",
+        "--database-url",
+        &url,
+        "--nats-url",
+        &nats.url(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])?;
+    let config = Config::from_options(&cli.options)?;
+    let (stop_tailer, tailer_shutdown) = shutdown::channel();
+    let tailer = tokio::spawn(async move { app::run(&config, tailer_shutdown).await });
+
+    // A NATS subscriber, as the product's consumers would be.
+    let subscriber = async_nats::connect(nats.url()).await?;
+    let mut events = subscriber.subscribe("events.>").await?;
 
     println!("outbox-tailer demo (throwaway servers; Ctrl-C stops and removes them)");
     println!("  PostgreSQL  {url}  (wal_level=logical)");
@@ -58,7 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  chat API    POST http://{api}/chats/{{chat_id}}/messages");
     println!("  try it:     curl -s -XPOST http://{api}/chats/{}/messages -d '{{\"project_id\":\"{}\",\"user_id\":\"{}\",\"content\":\"hello\"}}'",
         Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    println!("  publishing: `outbox-tailer run` arrives with issue #3; until then events wait as `pending`\n");
+    println!("  tailer      slot event_outbox_tailer -> stream EVENTS (events.<aggregate_type>.<event_type>)\n");
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -86,6 +111,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::select! {
             biased;
             _ = &mut stop => break,
+            Some(event) = events.next() => {
+                let header = |name: &str| event.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned()).unwrap_or_default();
+                println!("  NATS  {}  event {}  chat={}", event.subject, header("Nats-Msg-Id"), &header("Outbox-Aggregate-Id")[..8.min(header("Outbox-Aggregate-Id").len())]);
+            }
             _ = report.tick() => {
                 let row = db.query_one(
                     "SELECT (SELECT count(*) FROM messages), count(*) FILTER (WHERE status = 'pending'), \
@@ -100,12 +129,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let response = http.post(format!("http://{api}/chats/{chat}/messages")).json(&body).send().await?;
                 let status = response.status();
                 let created: serde_json::Value = response.json().await?;
-                println!("posted  chat={}  {role:>9}: {content:<56} -> {status} event {}",
+                println!("posted      chat={}  {role:>9}: {content:<56} -> {status} event {}",
                     &chat.to_string()[..8], created["event_id"].as_str().unwrap_or("?"));
                 n += 1;
             }
         }
     }
-    println!("\nstopping: {n} messages posted; removing the throwaway servers");
+    stop_tailer.fire();
+    tailer.await??;
+    println!("\nstopped: {n} messages posted; removing the throwaway servers");
     Ok(())
 }
