@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         }
     };
     tracing::debug!(?config, "configuration");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -3,5 +3,6 @@
 
 pub mod marker;
 pub mod producer;
+pub mod replay;
 
 pub use producer::{insert_event, insert_event_with, NewEvent, INSERT_EVENT_SQL};

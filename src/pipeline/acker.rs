@@ -1,36 +1,54 @@
 //! The acker stage: awaits publish acks in stream order and hands the acked
-//! ids to the marker in batches that grow with the load.
+//! ids to the marker in batches.
+//!
+//! A batch goes to the marker when it is full, or when its oldest id has
+//! lingered long enough. Marking late costs nothing the consumer sees (the
+//! event is already in the stream); marking in few, large statements saves
+//! the database a statement and a commit per handful of events, which under
+//! live load is most of what the status writes cost.
 
 use super::{Batch, InFlight};
 use crate::error::Error;
+use std::time::Duration;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::time::Instant;
 
 /// Most ids in one UPDATE: large enough to amortise the round trip and the
 /// statement, small enough to keep each transaction short.
 const MAX_BATCH: usize = 2000;
-/// While the marker is idle, a batch this large goes at once rather than
-/// waiting for the acks behind it.
-const MIN_BATCH: usize = 64;
+/// How long an acked id may wait for others to share its UPDATE.
+const LINGER: Duration = Duration::from_millis(20);
 
 pub(super) async fn run(
     mut inflight: Receiver<InFlight>,
     batches: Sender<Batch>,
 ) -> Result<(), Error> {
     let mut batch = Batch::default();
+    // When the oldest item of the current batch arrived.
+    let mut since = Instant::now();
     loop {
         let item = match inflight.try_recv() {
             Ok(item) => item,
             Err(TryRecvError::Disconnected) => break,
-            // Nothing more acked for now: hand over what there is, then wait.
+            Err(TryRecvError::Empty) if batch.is_empty() => match inflight.recv().await {
+                Some(item) => item,
+                None => break,
+            },
             Err(TryRecvError::Empty) => {
-                flush(&batches, &mut batch).await?;
-                match inflight.recv().await {
-                    Some(item) => item,
-                    None => break,
+                match tokio::time::timeout_at(since + LINGER, inflight.recv()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(_) => {
+                        flush(&batches, &mut batch).await?;
+                        continue;
+                    }
                 }
             }
         };
+        if batch.is_empty() {
+            since = Instant::now();
+        }
         match item {
             InFlight::Event { id, ack } => {
                 let ack = ack
@@ -40,8 +58,7 @@ pub(super) async fn run(
                     tracing::debug!(%id, "JetStream dropped a duplicate");
                 }
                 batch.ids.push(id);
-                let marker_idle = batches.capacity() > 0;
-                if batch.ids.len() >= MAX_BATCH || (marker_idle && batch.ids.len() >= MIN_BATCH) {
+                if batch.ids.len() >= MAX_BATCH {
                     flush(&batches, &mut batch).await?;
                 }
             }

@@ -21,6 +21,7 @@ mod reader;
 use crate::config::Config;
 use crate::error::Error;
 use crate::outbox::marker::Marker;
+use crate::outbox::replay::ReplayCheck;
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
@@ -97,7 +98,8 @@ pub async fn run_session(
         batch_rx,
         confirmed_tx,
     ));
-    let mut reader = Reader::new(config, js.clone(), inflight_tx, db, marker, horizon);
+    let replay = ReplayCheck::prepare(&db).await?;
+    let mut reader = Reader::new(config, js.clone(), inflight_tx, db, replay, horizon);
     let mut progress = Progress::new(Lsn::ZERO);
 
     // Priorities: shutdown first, then a failed stage, then confirmations

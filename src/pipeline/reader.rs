@@ -4,7 +4,7 @@
 use super::InFlight;
 use crate::config::Config;
 use crate::error::Error;
-use crate::outbox::marker::Marker;
+use crate::outbox::replay::ReplayCheck;
 use crate::publish::message::Message;
 use crate::replication::pgoutput::{Decoder, OutboxRow};
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -22,11 +22,11 @@ pub(super) struct Reader {
     js: jetstream::Context,
     inflight: Sender<InFlight>,
     db: Arc<Client>,
-    marker: Arc<Marker>,
+    replay: ReplayCheck,
     /// Transactions committed before this position may be replays.
     horizon: Lsn,
-    /// The open transaction, if any: whether it is a possible replay.
-    open: Option<bool>,
+    /// The open transaction, if any.
+    open: Option<OpenTransaction>,
     /// Rows of a replayed transaction waiting for their status check.
     replayed: Vec<OutboxRow>,
     /// The highest position sent down the pipeline (confirms are monotonic).
@@ -39,7 +39,7 @@ impl Reader {
         js: jetstream::Context,
         inflight: Sender<InFlight>,
         db: Arc<Client>,
-        marker: Arc<Marker>,
+        replay: ReplayCheck,
         horizon: Lsn,
     ) -> Reader {
         Reader {
@@ -48,7 +48,7 @@ impl Reader {
             js,
             inflight,
             db,
-            marker,
+            replay,
             horizon,
             open: None,
             replayed: Vec::new(),
@@ -58,15 +58,18 @@ impl Reader {
 
     pub(super) async fn on_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
         match event {
-            ReplicationEvent::Begin { final_lsn, .. } => {
-                self.open = Some(final_lsn <= self.horizon);
+            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                self.open = Some(OpenTransaction {
+                    xid,
+                    replay: final_lsn <= self.horizon,
+                });
                 Ok(())
             }
             ReplicationEvent::XLogData { data, .. } => {
                 let Some(row) = self.decoder.decode(&data)? else {
                     return Ok(());
                 };
-                if self.open == Some(true) {
+                if self.open.is_some_and(|tx| tx.replay) {
                     self.replayed.push(row);
                     if self.replayed.len() >= REPLAY_CHUNK {
                         self.publish_replayed().await?;
@@ -119,15 +122,16 @@ impl Reader {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.replayed);
-        let ids: Vec<_> = rows.iter().map(|row| row.id).collect();
-        let settled = self.marker.settled(&self.db, &ids).await?;
-        if !settled.is_empty() {
+        let xid = self.open.map_or(0, |tx| tx.xid);
+        let outcome = self.replay.check(&self.db, xid, rows).await?;
+        if outcome.settled + outcome.deleted > 0 {
             tracing::debug!(
-                skipped = settled.len(),
-                "replay: rows already published are not published again"
+                settled = outcome.settled,
+                deleted = outcome.deleted,
+                "replay: rows already published (or since deleted) are not published again"
             );
         }
-        for row in rows.iter().filter(|row| !settled.contains(&row.id)) {
+        for row in &outcome.publish {
             self.publish(row).await?;
         }
         Ok(())
@@ -143,4 +147,12 @@ impl Reader {
             .await
             .map_err(|_| Error::PipelineClosed)
     }
+}
+
+/// The transaction being decoded.
+#[derive(Debug, Clone, Copy)]
+struct OpenTransaction {
+    xid: u32,
+    /// Committed before the session started: maybe published already.
+    replay: bool,
 }

@@ -1,0 +1,125 @@
+//! The replay check: a transaction the stream re-delivers from before the
+//! session's start may have been published by an earlier run, maybe longer
+//! ago than JetStream's duplicate window. Its rows are looked up before
+//! publishing: rows already `published` (or `failed`) are skipped, `pending`
+//! ones are published, and rows that no longer exist (deleted by a cleanup
+//! job) are skipped once their transaction is provably visible, so a row
+//! merely not visible *yet* is never mistaken for a deleted one.
+
+use crate::replication::pgoutput::OutboxRow;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, Statement};
+use uuid::Uuid;
+
+const STATUS_SQL: &str = "SELECT id, status = 'pending' FROM event_outbox WHERE id = ANY($1)";
+const VISIBLE_SQL: &str = "SELECT pg_visible_in_snapshot($1::text::xid8, pg_current_snapshot())";
+const CURRENT_XID_SQL: &str = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text";
+
+/// How long a replayed transaction is waited for to become visible before
+/// its missing rows are published anyway (at least once beats never).
+const VISIBILITY_WAIT: Duration = Duration::from_secs(10);
+
+/// What the check decided for a chunk of replayed rows.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub publish: Vec<OutboxRow>,
+    /// Already published or dead-lettered by an earlier run.
+    pub settled: usize,
+    /// Deleted since; nothing left to publish or mark.
+    pub deleted: usize,
+}
+
+pub struct ReplayCheck {
+    status: Statement,
+    visible: Statement,
+    /// A 64-bit transaction id from the session's start, to widen the
+    /// stream's 32-bit ids (they carry no epoch).
+    current_xid: u64,
+}
+
+impl ReplayCheck {
+    pub async fn prepare(db: &Client) -> Result<ReplayCheck, tokio_postgres::Error> {
+        let status = db.prepare(STATUS_SQL).await?;
+        let visible = db.prepare(VISIBLE_SQL).await?;
+        let current: String = db.query_one(CURRENT_XID_SQL, &[]).await?.get(0);
+        let current_xid = current.parse().unwrap_or(0);
+        Ok(ReplayCheck {
+            status,
+            visible,
+            current_xid,
+        })
+    }
+
+    /// Splits the rows of replayed transaction `xid` into those to publish
+    /// and those to skip.
+    pub async fn check(
+        &self,
+        db: &Client,
+        xid: u32,
+        rows: Vec<OutboxRow>,
+    ) -> Result<Replayed, tokio_postgres::Error> {
+        let mut outcome = Replayed::default();
+        let mut waiting = rows;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let ids: Vec<Uuid> = waiting.iter().map(|row| row.id).collect();
+            let pending: HashMap<Uuid, bool> = db
+                .query(&self.status, &[&ids])
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            let mut missing = Vec::new();
+            for row in waiting {
+                match pending.get(&row.id) {
+                    Some(true) => outcome.publish.push(row),
+                    Some(false) => outcome.settled += 1,
+                    None => missing.push(row),
+                }
+            }
+            if missing.is_empty() {
+                return Ok(outcome);
+            }
+            let visible: bool = db
+                .query_one(&self.visible, &[&widen(xid, self.current_xid).to_string()])
+                .await?
+                .get(0);
+            if visible {
+                outcome.deleted += missing.len();
+                return Ok(outcome);
+            }
+            if started.elapsed() >= VISIBILITY_WAIT {
+                outcome.publish.extend(missing);
+                return Ok(outcome);
+            }
+            waiting = missing;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The 64-bit id of 32-bit `xid`, a transaction no newer than `current`.
+fn widen(xid: u32, current: u64) -> u64 {
+    let candidate = (current & !0xFFFF_FFFF) | u64::from(xid);
+    if candidate > current && candidate >= 1 << 32 {
+        candidate - (1 << 32)
+    } else {
+        candidate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::widen;
+
+    #[test]
+    fn widens_within_and_across_an_epoch() {
+        assert_eq!(widen(700, 1000), 700);
+        assert_eq!(widen(700, (3 << 32) | 1000), (3 << 32) | 700);
+        // An older transaction from before the counter wrapped.
+        assert_eq!(widen(0xFFFF_FF00, (3 << 32) | 5), (2 << 32) | 0xFFFF_FF00);
+    }
+}
