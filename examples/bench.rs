@@ -65,6 +65,9 @@ struct Args {
     /// PostgreSQL fsync (off: the harness default, as the tests run).
     #[arg(long, default_value = "off")]
     fsync: String,
+    /// More PostgreSQL settings, `name=value` (repeatable).
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
+    pg_settings: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -88,12 +91,18 @@ async fn main() -> Result<()> {
     {
         return relay(database_url, nats_url).await;
     }
-    let pg = PgServer::builder()
+    let mut pg = PgServer::builder()
         .setting("fsync", &args.fsync)
         .setting("shared_buffers", "256MB")
         .setting("max_wal_size", "4GB")
-        .setting("checkpoint_timeout", "30min")
-        .start()?;
+        .setting("checkpoint_timeout", "30min");
+    for setting in &args.pg_settings {
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or("--pg-setting takes name=value")?;
+        pg = pg.setting(name, value);
+    }
+    let pg = pg.start()?;
     let nats = NatsServer::start()?;
     let url = pg.create_database("chat").await?;
     alembic(&url, &["upgrade", "head"])?;
