@@ -42,11 +42,12 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         setup::prepare(&db, config).await?;
     }
     let js = jetstream::context(jetstream::connect(config).await?);
-    if !ensure_stream(&js, config, &mut shutdown).await {
-        return Ok(());
-    }
     let mut attempt = 0;
     loop {
+        // Every session checks the stream: one deleted meanwhile is recreated.
+        if !ensure_stream(&js, config, &mut shutdown).await {
+            return Ok(());
+        }
         let started = Instant::now();
         let error = match pipeline::run_session(config, &js, &mut shutdown).await {
             Ok(drained) => {

@@ -176,7 +176,7 @@ async fn mark_batches(
 }
 
 fn confirm(stream: &ReplicationClient, progress: &mut Progress, lsn: Lsn) {
-    if lsn > progress.confirmed() && progress.confirm(lsn) {
+    if progress.confirm(lsn) {
         stream.update_applied_lsn(lsn);
     }
 }

@@ -36,24 +36,21 @@ pub fn replication_config(config: &Config) -> ReplicationConfig {
             config.slot.clone(),
             config.publication.clone(),
         ),
-        Some(Host::Tcp(host)) => ReplicationConfig::new(
-            host.clone(),
-            user,
-            password,
-            database,
-            config.slot.clone(),
-            config.publication.clone(),
-        )
-        .with_port(port),
-        None => ReplicationConfig::new(
-            "localhost",
-            user,
-            password,
-            database,
-            config.slot.clone(),
-            config.publication.clone(),
-        )
-        .with_port(port),
+        tcp => {
+            let host = match tcp {
+                Some(Host::Tcp(host)) => host.clone(),
+                _ => "localhost".to_owned(),
+            };
+            ReplicationConfig::new(
+                host,
+                user,
+                password,
+                database,
+                config.slot.clone(),
+                config.publication.clone(),
+            )
+            .with_port(port)
+        }
     };
     base.with_tls(TlsConfig::disabled())
         .with_start_lsn(Lsn::ZERO)

@@ -65,6 +65,22 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(port)
 }
 
+/// Starts a server on a free port, trying another port (three in all) when
+/// one was taken between [`free_port`] and the server binding it.
+fn start_on_free_port<S>(
+    server: &mut S,
+    mut start: impl FnMut(&mut S, u16) -> Result<(), HarnessError>,
+) -> Result<(), HarnessError> {
+    let mut last_error = None;
+    for _ in 0..3 {
+        match start(server, free_port()?) {
+            Ok(()) => return Ok(()),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.expect("three attempts were made"))
+}
+
 /// The repository root (where `alembic.ini` lives).
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

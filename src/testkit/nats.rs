@@ -2,7 +2,7 @@
 //! store in a temp dir; stopped on drop, restartable on the same port and store.
 
 use super::process::{die_with_parent, find_binary, log_tail, signal, wait_or_kill, wait_until};
-use super::{free_port, HarnessError};
+use super::{start_on_free_port, HarnessError};
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -51,15 +51,11 @@ impl NatsServer {
             args: args.iter().map(|s| s.to_string()).collect(),
             dir,
         };
-        let mut last_error = None;
-        for _ in 0..3 {
-            server.port = free_port()?;
-            match server.start_again() {
-                Ok(()) => return Ok(server),
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(last_error.expect("three attempts were made"))
+        start_on_free_port(&mut server, |server, port| {
+            server.port = port;
+            server.start_again()
+        })?;
+        Ok(server)
     }
 
     /// Starts the stopped server again on the same port and JetStream store.

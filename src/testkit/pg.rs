@@ -4,7 +4,7 @@
 use super::process::{
     die_with_parent, find_binary, log_tail, signal, user_ids, wait_or_kill, wait_until,
 };
-use super::{free_port, HarnessError};
+use super::{start_on_free_port, HarnessError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -104,17 +104,11 @@ impl PgServer {
             settings,
             dir,
         };
-        // The free port is only reserved until we let go of it: if another
-        // process takes it in between, try another.
-        let mut last_error = None;
-        for _ in 0..3 {
-            server.port = free_port()?;
-            match server.start_again() {
-                Ok(()) => return Ok(server),
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(last_error.expect("three attempts were made"))
+        start_on_free_port(&mut server, |server, port| {
+            server.port = port;
+            server.start_again()
+        })?;
+        Ok(server)
     }
 
     /// Starts the stopped server again, on the same port and data directory.
