@@ -4,10 +4,12 @@
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::{Action, Error};
-use crate::pipeline;
+use crate::metrics::Metrics;
 use crate::publish::jetstream;
-use crate::replication::setup;
+use crate::replication::setup::{self, SetupError};
 use crate::shutdown::Shutdown;
+use crate::{http, pipeline, stats};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A session that streamed this long counts as healthy: the next failure
@@ -18,7 +20,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 pub async fn setup(config: &Config) -> Result<(), Error> {
     let db = setup::connect(config).await?;
     setup::prepare(&db, config).await?;
-    let js = jetstream::context(jetstream::connect(config).await?);
+    let js = jetstream::context(jetstream::connect(config, Arc::new(Metrics::new())).await?);
     tokio::time::timeout(
         Duration::from_secs(30),
         jetstream::ensure_stream(&js, config),
@@ -37,11 +39,25 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
 /// `outbox-tailer run`: fails fast on what an operator must fix, then
 /// streams until `shutdown`, reconnecting (with backoff) after failures.
 pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::new());
+    let addr = http::spawn(config.metrics_addr, metrics.clone())
+        .await
+        .map_err(|e| SetupError::MetricsAddr {
+            addr: config.metrics_addr,
+            reason: e.to_string(),
+        })?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     {
         let db = setup::connect(config).await?;
         setup::prepare(&db, config).await?;
     }
-    let js = jetstream::context(jetstream::connect(config).await?);
+    tokio::spawn(stats::poll(
+        config.clone(),
+        metrics.clone(),
+        config.stats_interval,
+        shutdown.clone(),
+    ));
+    let js = jetstream::context(jetstream::connect(config, metrics.clone()).await?);
     let mut attempt = 0;
     loop {
         // Every session checks the stream: one deleted meanwhile is recreated.
@@ -49,7 +65,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             return Ok(());
         }
         let started = Instant::now();
-        let error = match pipeline::run_session(config, &js, &mut shutdown).await {
+        let error = match pipeline::run_session(config, &js, &metrics, &mut shutdown).await {
             Ok(drained) => {
                 tracing::info!(confirmed = %drained.confirmed, "stopped");
                 return Ok(());
@@ -72,6 +88,17 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         if sleep_or_shutdown(delay, &mut shutdown).await {
             return Ok(());
         }
+    }
+}
+
+/// `outbox-tailer status`: the slot and the outbox, as text or one JSON object.
+pub async fn status(config: &Config, json: bool) -> Result<String, Error> {
+    let db = setup::connect(config).await?;
+    let stats = stats::query_full(&db, &config.slot).await?;
+    if json {
+        serde_json::to_string(&stats).map_err(|e| Error::Internal(e.to_string()))
+    } else {
+        Ok(stats.to_text())
     }
 }
 

@@ -115,6 +115,14 @@ pub struct Options {
     /// Project published events into event_logs.
     #[arg(long, env = "OUTBOX_EVENT_LOGS", global = true)]
     pub event_logs: bool,
+    /// Seconds between polls of the outbox statistics (pending, failed, lag) for the gauges.
+    #[arg(
+        long,
+        env = "OUTBOX_STATS_INTERVAL",
+        global = true,
+        default_value_t = 10.0
+    )]
+    pub stats_interval: f64,
     /// Log lines as text or as one JSON object a line.
     #[arg(
         long,
@@ -145,6 +153,8 @@ pub enum ConfigError {
     BadSubjectPrefix(String),
     #[error("--metrics-addr {0:?} is not a socket address such as 0.0.0.0:9599")]
     BadMetricsAddr(String),
+    #[error("--stats-interval {0} is not a number of seconds between 0.1 and 3600")]
+    BadStatsInterval(f64),
 }
 
 /// The validated configuration. Its `Debug` never shows passwords.
@@ -161,6 +171,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub max_retries: u32,
     pub event_logs: bool,
+    pub stats_interval: std::time::Duration,
     pub log_format: LogFormat,
 }
 
@@ -176,6 +187,7 @@ impl fmt::Debug for Config {
             .field("metrics_addr", &self.metrics_addr)
             .field("max_retries", &self.max_retries)
             .field("event_logs", &self.event_logs)
+            .field("stats_interval", &self.stats_interval)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -213,6 +225,9 @@ impl Config {
                 options.subject_prefix.clone(),
             ));
         }
+        if !(0.1..=3600.0).contains(&options.stats_interval) {
+            return Err(ConfigError::BadStatsInterval(options.stats_interval));
+        }
         let metrics_addr = options
             .metrics_addr
             .parse()
@@ -228,6 +243,7 @@ impl Config {
             metrics_addr,
             max_retries: options.max_retries,
             event_logs: options.event_logs,
+            stats_interval: std::time::Duration::from_secs_f64(options.stats_interval),
             log_format: options.log_format,
         })
     }

@@ -8,6 +8,8 @@
 //!   stream, pgoutput decoding (pure), LSN progress.
 //! - [`publish`]: subjects and messages (pure), the JetStream connection and stream.
 //! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`].
+//! - [`metrics`]: every exported metric; [`http`]: /metrics, /healthz, /readyz;
+//!   [`stats`]: the outbox's state from the database (gauges and `status`).
 //! - [`config`]: the command line and environment (the contract's flags) and
 //!   their validation into one [`config::Config`].
 //! - [`outbox`]: the `event_outbox` table: the producer API that writes an event
@@ -34,9 +36,12 @@ pub mod backoff;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod publish;
 pub mod replication;
 pub mod shutdown;
+pub mod stats;
 pub mod testkit;

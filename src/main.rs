@@ -42,7 +42,10 @@ fn main() -> ExitCode {
                 app::run(&config, shutdown).await.map_err(|e| e.to_string())
             }
             Command::Setup => app::setup(&config).await.map_err(|e| e.to_string()),
-            Command::Status { .. } => Err(unavailable("status", "#4 (observability)")),
+            Command::Status { json } => app::status(&config, json)
+                .await
+                .map(|text| println!("{}", text.trim_end()))
+                .map_err(|e| e.to_string()),
             Command::Requeue(_) => Err(unavailable("requeue", "#5 (dead letters)")),
         }
     });

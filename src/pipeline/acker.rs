@@ -9,6 +9,9 @@
 
 use super::{Batch, InFlight};
 use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::replication::progress::seconds_since;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{Receiver, Sender};
@@ -23,6 +26,7 @@ const LINGER: Duration = Duration::from_millis(20);
 pub(super) async fn run(
     mut inflight: Receiver<InFlight>,
     batches: Sender<Batch>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), Error> {
     let mut batch = Batch::default();
     // When the oldest item of the current batch arrived.
@@ -50,13 +54,23 @@ pub(super) async fn run(
             since = Instant::now();
         }
         match item {
-            InFlight::Event { id, ack } => {
-                let ack = ack
-                    .await
-                    .map_err(|e| Error::Nats(format!("publishing event {id}: {e}")))?;
+            InFlight::Event {
+                id,
+                ack,
+                committed_at,
+                published,
+            } => {
+                let ack = ack.await;
+                metrics.in_flight.dec();
+                let ack = ack.map_err(|e| Error::Nats(format!("publishing event {id}: {e}")))?;
                 if ack.duplicate {
+                    metrics.duplicates.inc();
                     tracing::debug!(%id, "JetStream dropped a duplicate");
+                } else {
+                    published.inc();
+                    metrics.publish_latency.observe(seconds_since(committed_at));
                 }
+                metrics.last_publish_timestamp.set(unix_now());
                 batch.ids.push(id);
                 if batch.ids.len() >= MAX_BATCH {
                     flush(&batches, &mut batch).await?;
@@ -76,4 +90,10 @@ async fn flush(batches: &Sender<Batch>, batch: &mut Batch) -> Result<(), Error> 
         .send(std::mem::take(batch))
         .await
         .map_err(|_| Error::PipelineClosed)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -20,6 +20,7 @@ mod reader;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
 use crate::publish::jetstream::PUBLISH_WINDOW;
@@ -28,6 +29,7 @@ use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
 use async_nats::jetstream::context::PublishAckFuture;
 use pgwire_replication::{Lsn, ReplicationClient};
+use prometheus::IntCounter;
 use reader::Reader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +46,14 @@ const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// An item between the reader and the acker, in stream order.
 enum InFlight {
     /// A published event whose ack is still to come.
-    Event { id: Uuid, ack: PublishAckFuture },
+    Event {
+        id: Uuid,
+        ack: PublishAckFuture,
+        /// Its transaction's commit time (µs since 2000-01-01), for latency.
+        committed_at: i64,
+        /// Its `outbox_events_published_total` series.
+        published: IntCounter,
+    },
     /// Everything before this position has been handed to the pipeline.
     Confirm(Lsn),
 }
@@ -74,6 +83,7 @@ pub struct Drained {
 pub async fn run_session(
     config: &Config,
     js: &async_nats::jetstream::Context,
+    metrics: &Arc<Metrics>,
     shutdown: &mut Shutdown,
 ) -> Result<Drained, Error> {
     let db = Arc::new(
@@ -82,25 +92,58 @@ pub async fn run_session(
             .map_err(|e| Error::Unavailable(e.to_string()))?,
     );
     let marker = Arc::new(Marker::prepare(&db, config.event_logs).await?);
-    let mut stream = source::open(config).await?;
+    let stream = source::open(config).await?;
     // Transactions that committed before this point may have been published
     // by an earlier run (a replay): their rows are checked before publishing.
     let horizon = current_wal_lsn(&db).await?;
     tracing::info!(slot = %config.slot, replay_horizon = %horizon, "streaming");
+    metrics.sessions.inc();
+    metrics.replication_connected.set(1);
+    let result =
+        stream_until_done(config, js, metrics, shutdown, db, marker, stream, horizon).await;
+    metrics.replication_connected.set(0);
+    metrics.replication_lag_seconds.set(0.0);
+    if result.is_err() {
+        metrics.session_failures.inc();
+    }
+    result
+}
 
+/// The body of a session, once the stream is open.
+#[allow(clippy::too_many_arguments)]
+async fn stream_until_done(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    metrics: &Arc<Metrics>,
+    shutdown: &mut Shutdown,
+    db: Arc<Client>,
+    marker: Arc<Marker>,
+    mut stream: ReplicationClient,
+    horizon: Lsn,
+) -> Result<Drained, Error> {
     let (inflight_tx, inflight_rx) = mpsc::channel(PUBLISH_WINDOW);
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (confirmed_tx, mut confirmed_rx) = watch::channel(Lsn::ZERO);
-    let mut acker = tokio::spawn(acker::run(inflight_rx, batch_tx));
+    let mut acker = tokio::spawn(acker::run(inflight_rx, batch_tx, metrics.clone()));
     let mut marking = tokio::spawn(mark_batches(
         db.clone(),
-        marker.clone(),
+        marker,
         batch_rx,
         confirmed_tx,
+        metrics.clone(),
     ));
     let replay = ReplayCheck::prepare(&db).await?;
-    let mut reader = Reader::new(config, js.clone(), inflight_tx, db, replay, horizon);
+    let mut reader = Reader::new(
+        config,
+        js.clone(),
+        inflight_tx,
+        db,
+        replay,
+        horizon,
+        metrics.clone(),
+    );
     let mut progress = Progress::new(Lsn::ZERO);
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
 
     // Priorities: shutdown first, then a failed stage, then confirmations
     // (they free WAL on the server), then the next replication event.
@@ -110,7 +153,11 @@ pub async fn run_session(
             _ = shutdown.fired() => break None,
             ended = &mut acker => break Some(stage_failure("acker", ended)),
             ended = &mut marking => break Some(stage_failure("marker", ended)),
-            Ok(()) = confirmed_rx.changed() => confirm(&stream, &mut progress, *confirmed_rx.borrow_and_update()),
+            Ok(()) = confirmed_rx.changed() => {
+                let lsn = *confirmed_rx.borrow_and_update();
+                confirm(&stream, &mut progress, &mut reader, metrics, lsn);
+            }
+            _ = lag_tick.tick() => metrics.replication_lag_seconds.set(reader.lag_seconds()),
             event = stream.recv() => {
                 let handled = match event {
                     Ok(Some(event)) => reader.on_event(event).await,
@@ -133,7 +180,7 @@ pub async fn run_session(
     }
 
     // Shutdown: stop reading, let what is in flight finish, confirm it.
-    drop(reader);
+    reader.close();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let acked = (&mut acker).await;
         let marked = (&mut marking).await;
@@ -145,7 +192,8 @@ pub async fn run_session(
     }
     acker.abort();
     marking.abort();
-    confirm(&stream, &mut progress, *confirmed_rx.borrow());
+    let last = *confirmed_rx.borrow();
+    confirm(&stream, &mut progress, &mut reader, metrics, last);
     wait_for_feedback(&stream, progress.confirmed()).await;
     stream.stop();
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
@@ -160,10 +208,14 @@ async fn mark_batches(
     marker: Arc<Marker>,
     mut batches: mpsc::Receiver<Batch>,
     confirmed: watch::Sender<Lsn>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), Error> {
     while let Some(batch) = batches.recv().await {
         if !batch.ids.is_empty() {
+            metrics.mark_batch_size.observe(batch.ids.len() as f64);
             let outcome = marker.mark(&db, &batch.ids).await?;
+            metrics.mark_retries.inc_by(outcome.retries as u64);
+            metrics.marked_vanished.inc_by(outcome.vanished as u64);
             if outcome.retries > 0 || outcome.vanished > 0 {
                 tracing::debug!(?outcome, "marking needed retries");
             }
@@ -175,9 +227,21 @@ async fn mark_batches(
     Ok(())
 }
 
-fn confirm(stream: &ReplicationClient, progress: &mut Progress, lsn: Lsn) {
+/// Tells the server everything before `lsn` is durable.
+fn confirm(
+    stream: &ReplicationClient,
+    progress: &mut Progress,
+    reader: &mut Reader,
+    metrics: &Metrics,
+    lsn: Lsn,
+) {
     if progress.confirm(lsn) {
         stream.update_applied_lsn(lsn);
+        reader.acknowledged(lsn);
+        metrics
+            .confirmed_lsn
+            .set(i64::try_from(lsn.0).unwrap_or(i64::MAX));
+        metrics.replication_lag_seconds.set(reader.lag_seconds());
     }
 }
 

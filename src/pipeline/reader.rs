@@ -4,11 +4,14 @@
 use super::InFlight;
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::outbox::replay::ReplayCheck;
 use crate::publish::message::Message;
 use crate::replication::pgoutput::{Decoder, OutboxRow};
+use crate::replication::progress::seconds_since;
 use async_nats::jetstream::{self, message::PublishMessage};
 use pgwire_replication::{Lsn, ReplicationEvent};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::mpsc::Sender;
 use tokio_postgres::Client;
@@ -20,7 +23,8 @@ pub(super) struct Reader {
     decoder: Decoder,
     subject_prefix: String,
     js: jetstream::Context,
-    inflight: Sender<InFlight>,
+    /// None once the reader is closed (shutdown): the acker then drains.
+    inflight: Option<Sender<InFlight>>,
     db: Arc<Client>,
     replay: ReplayCheck,
     /// Transactions committed before this position may be replays.
@@ -31,6 +35,10 @@ pub(super) struct Reader {
     replayed: Vec<OutboxRow>,
     /// The highest position sent down the pipeline (confirms are monotonic).
     last_confirm: Lsn,
+    /// Ends and commit times of the transactions not yet confirmed, oldest
+    /// first: the replication lag in seconds is the age of the first.
+    unconfirmed: VecDeque<(Lsn, i64)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Reader {
@@ -41,27 +49,58 @@ impl Reader {
         db: Arc<Client>,
         replay: ReplayCheck,
         horizon: Lsn,
+        metrics: Arc<Metrics>,
     ) -> Reader {
         Reader {
             decoder: Decoder::new(),
             subject_prefix: config.subject_prefix.clone(),
             js,
-            inflight,
+            inflight: Some(inflight),
             db,
             replay,
             horizon,
             open: None,
             replayed: Vec::new(),
             last_confirm: Lsn::ZERO,
+            unconfirmed: VecDeque::new(),
+            metrics,
         }
+    }
+
+    /// Stops feeding the pipeline, so the stages behind drain and finish.
+    pub(super) fn close(&mut self) {
+        self.inflight = None;
+    }
+
+    /// Everything up to `lsn` is confirmed to the server.
+    pub(super) fn acknowledged(&mut self, lsn: Lsn) {
+        while self.unconfirmed.front().is_some_and(|(end, _)| *end <= lsn) {
+            self.unconfirmed.pop_front();
+        }
+    }
+
+    /// Age of the oldest received commit not yet confirmed; 0 when caught up.
+    pub(super) fn lag_seconds(&self) -> f64 {
+        self.unconfirmed
+            .front()
+            .map_or(0.0, |(_, committed)| seconds_since(*committed))
+    }
+
+    fn sender(&self) -> Result<&Sender<InFlight>, Error> {
+        self.inflight.as_ref().ok_or(Error::PipelineClosed)
     }
 
     pub(super) async fn on_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
         match event {
-            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
                 self.open = Some(OpenTransaction {
                     xid,
                     replay: final_lsn <= self.horizon,
+                    committed_at: commit_time_micros,
                 });
                 Ok(())
             }
@@ -79,9 +118,16 @@ impl Reader {
                     self.publish(&row).await
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
                 self.publish_replayed().await?;
                 self.open = None;
+                if end_lsn > self.last_confirm {
+                    self.unconfirmed.push_back((end_lsn, commit_time_micros));
+                }
                 self.confirm(end_lsn).await
             }
             // Between transactions everything before the server's position
@@ -108,8 +154,15 @@ impl Reader {
             )
             .await
             .map_err(|e| Error::Nats(format!("publishing event {}: {e}", row.id)))?;
-        self.inflight
-            .send(InFlight::Event { id: row.id, ack })
+        self.metrics.in_flight.inc();
+        let event = InFlight::Event {
+            id: row.id,
+            ack,
+            committed_at: self.open.map_or(0, |tx| tx.committed_at),
+            published: self.metrics.published(&row.aggregate_type),
+        };
+        self.sender()?
+            .send(event)
             .await
             .map_err(|_| Error::PipelineClosed)
     }
@@ -125,6 +178,9 @@ impl Reader {
         let xid = self.open.map_or(0, |tx| tx.xid);
         let outcome = self.replay.check(&self.db, xid, rows).await?;
         if outcome.settled + outcome.deleted > 0 {
+            self.metrics
+                .replay_skipped
+                .inc_by((outcome.settled + outcome.deleted) as u64);
             tracing::debug!(
                 settled = outcome.settled,
                 deleted = outcome.deleted,
@@ -142,7 +198,7 @@ impl Reader {
             return Ok(());
         }
         self.last_confirm = lsn;
-        self.inflight
+        self.sender()?
             .send(InFlight::Confirm(lsn))
             .await
             .map_err(|_| Error::PipelineClosed)
@@ -155,4 +211,6 @@ struct OpenTransaction {
     xid: u32,
     /// Committed before the session started: maybe published already.
     replay: bool,
+    /// Commit time, µs since 2000-01-01.
+    committed_at: i64,
 }

@@ -2,7 +2,9 @@
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Publishes in flight at once (acks not yet received): deep enough to keep
@@ -48,20 +50,28 @@ impl NatsTarget {
 
 /// Connects in the background: an unreachable server is not fatal, the
 /// client keeps trying, and publishing waits for it.
-pub async fn connect(config: &Config) -> Result<async_nats::Client, Error> {
+pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<async_nats::Client, Error> {
     let target = NatsTarget::parse(&config.nats_url);
     let mut options = async_nats::ConnectOptions::new()
         .name("outbox-tailer")
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; publishing waits for it")
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        metrics.nats_connected.set(1);
+                        tracing::info!("NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics.nats_connected.set(0);
+                        tracing::warn!("NATS disconnected; publishing waits for it");
+                    }
+                    async_nats::Event::Closed => metrics.nats_connected.set(0),
+                    other => tracing::info!(event = %other, "NATS event"),
                 }
-                other => tracing::info!(event = %other, "NATS event"),
             }
         });
     if let Some((user, password)) = target.user_password {

@@ -28,6 +28,11 @@ pub enum SetupError {
     },
     #[error("cannot create replication slot {name:?}: {reason}")]
     Slot { name: String, reason: String },
+    #[error("cannot listen on --metrics-addr {addr}: {reason}")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("PostgreSQL: {0}")]
     Query(#[from] tokio_postgres::Error),
 }

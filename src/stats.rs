@@ -1,0 +1,145 @@
+//! The outbox's and the slot's state, read from the database: for the
+//! gauges (polled every `--stats-interval`, never per event) and for
+//! `outbox-tailer status`. Every query stays cheap on a large table: counts
+//! and the oldest pending row come from one index-only range scan of the
+//! `(status, next_retry_at, created_at)` index over the pending (or failed)
+//! rows; the last publish from one backward step of the same index.
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::replication::setup;
+use crate::shutdown::Shutdown;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// Pending rows: their count and the oldest one's age.
+pub const PENDING_SQL: &str =
+    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+     FROM event_outbox WHERE status = 'pending'";
+pub const FAILED_SQL: &str = "SELECT count(*) FROM event_outbox WHERE status = 'failed'";
+const SLOT_SQL: &str = "SELECT active, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, confirmed_flush_lsn::text \
+     FROM pg_replication_slots WHERE slot_name = $1";
+/// The most recently created published row (an approximation of the last
+/// publish that needs no index on published_at).
+const LAST_PUBLISHED_SQL: &str = "SELECT to_char(published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
+     FROM event_outbox WHERE status = 'published' ORDER BY next_retry_at DESC, created_at DESC LIMIT 1";
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Stats {
+    pub slot: String,
+    /// None when the slot does not exist.
+    pub slot_active: Option<bool>,
+    pub lag_bytes: Option<i64>,
+    pub confirmed_lsn: Option<String>,
+    pub pending: i64,
+    pub failed: i64,
+    pub oldest_pending_age_seconds: f64,
+    pub last_published_at: Option<String>,
+}
+
+pub async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
+    let slot_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let (pending, slot_row, failed) = tokio::try_join!(
+        db.query_one(PENDING_SQL, &[]),
+        db.query_opt(SLOT_SQL, &slot_param),
+        db.query_one(FAILED_SQL, &[]),
+    )?;
+    Ok(Stats {
+        slot: slot.to_owned(),
+        slot_active: slot_row.as_ref().map(|r| r.get(0)),
+        lag_bytes: slot_row.as_ref().and_then(|r| r.get(1)),
+        confirmed_lsn: slot_row.as_ref().and_then(|r| r.get(2)),
+        pending: pending.get(0),
+        failed: failed.get(0),
+        oldest_pending_age_seconds: pending.get(1),
+        last_published_at: None,
+    })
+}
+
+/// [`query`] plus the last publish, for `status`.
+pub async fn query_full(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
+    let mut stats = query(db, slot).await?;
+    stats.last_published_at = db
+        .query_opt(LAST_PUBLISHED_SQL, &[])
+        .await?
+        .and_then(|r| r.get(0));
+    Ok(stats)
+}
+
+impl Stats {
+    pub fn to_text(&self) -> String {
+        let slot = match self.slot_active {
+            None => "missing".to_owned(),
+            Some(true) => "active".to_owned(),
+            Some(false) => "inactive (no tailer streams from it)".to_owned(),
+        };
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        format!(
+            "slot                {} ({slot})\n\
+             confirmed position  {}\n\
+             lag                 {} bytes\n\
+             pending events      {}\n\
+             failed events       {}\n\
+             oldest pending age  {:.1} s\n\
+             last published      {}\n",
+            self.slot,
+            or_dash(self.confirmed_lsn.clone()),
+            or_dash(self.lag_bytes.map(|b| b.to_string())),
+            self.pending,
+            self.failed,
+            self.oldest_pending_age_seconds,
+            or_dash(self.last_published_at.clone()),
+        )
+    }
+
+    /// Sets the gauges this poll feeds.
+    fn record(&self, metrics: &Metrics) {
+        metrics.pending_events.set(self.pending);
+        metrics.failed_events.set(self.failed);
+        metrics
+            .oldest_pending_age_seconds
+            .set(self.oldest_pending_age_seconds);
+        metrics
+            .slot_active
+            .set(i64::from(self.slot_active == Some(true)));
+        if let Some(lag) = self.lag_bytes {
+            metrics.replication_lag_bytes.set(lag.max(0));
+        }
+    }
+}
+
+/// Polls [`query`] every `interval` into the gauges until shutdown, on its
+/// own connection (re-opened after an error).
+pub async fn poll(
+    config: Config,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut db: Option<Client> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.fired() => return,
+            _ = tick.tick() => {}
+        }
+        if db.as_ref().is_none_or(|c| c.is_closed()) {
+            db = setup::connect(&config).await.ok();
+        }
+        let Some(client) = db.as_ref() else {
+            metrics.stats_poll_errors.inc();
+            continue;
+        };
+        match query(client, &config.slot).await {
+            Ok(stats) => stats.record(&metrics),
+            Err(error) => {
+                metrics.stats_poll_errors.inc();
+                tracing::debug!(%error, "polling outbox statistics");
+                db = None;
+            }
+        }
+    }
+}
