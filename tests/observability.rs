@@ -195,3 +195,40 @@ async fn metrics_addr_in_use_is_one_clear_line() {
         "{output}"
     );
 }
+
+#[tokio::test]
+async fn the_statistics_queries_use_the_status_index_on_a_large_table() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    // 300,000 rows, nearly all published: the shape of a long-lived outbox.
+    db.batch_execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, published_at, created_at) \
+         SELECT 'chat', 'c' || (i % 5000), 'message.created', '{}', \
+                CASE WHEN i % 1000 = 0 THEN 'pending' WHEN i % 1000 = 1 THEN 'failed' ELSE 'published' END, \
+                CASE WHEN i % 1000 > 1 THEN now() END, now() - make_interval(secs => 300000 - i) \
+         FROM generate_series(1, 300000) i",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("VACUUM ANALYZE event_outbox")
+        .await
+        .unwrap();
+    for sql in [
+        outbox_tailer::stats::PENDING_SQL,
+        outbox_tailer::stats::FAILED_SQL,
+    ] {
+        let plan: Vec<String> = db
+            .query(&format!("EXPLAIN {sql}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Only Scan using ix_event_outbox_status_next_retry_at_created_at"),
+            "{sql}\n{plan}"
+        );
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
+}

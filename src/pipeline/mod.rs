@@ -144,6 +144,7 @@ async fn stream_until_done(
     );
     let mut progress = Progress::new(Lsn::ZERO);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut lag_watch = LagWatch::default();
 
     // Priorities: shutdown first, then a failed stage, then confirmations
     // (they free WAL on the server), then the next replication event.
@@ -157,7 +158,11 @@ async fn stream_until_done(
                 let lsn = *confirmed_rx.borrow_and_update();
                 confirm(&stream, &mut progress, &mut reader, metrics, lsn);
             }
-            _ = lag_tick.tick() => metrics.replication_lag_seconds.set(reader.lag_seconds()),
+            _ = lag_tick.tick() => {
+                let lag = reader.lag_seconds();
+                metrics.replication_lag_seconds.set(lag);
+                lag_watch.observe(lag);
+            }
             event = stream.recv() => {
                 let handled = match event {
                     Ok(Some(event)) => reader.on_event(event).await,
@@ -225,6 +230,31 @@ async fn mark_batches(
         }
     }
     Ok(())
+}
+
+/// Logs the state changes of the lag: once when it passes [`LagWatch::LAGGING`]
+/// seconds, once when it is back under [`LagWatch::CAUGHT_UP`].
+#[derive(Debug, Default)]
+struct LagWatch {
+    lagging: bool,
+}
+
+impl LagWatch {
+    const LAGGING: f64 = 30.0;
+    const CAUGHT_UP: f64 = 5.0;
+
+    fn observe(&mut self, lag_seconds: f64) {
+        if !self.lagging && lag_seconds > Self::LAGGING {
+            self.lagging = true;
+            tracing::warn!(
+                lag_seconds = lag_seconds.round(),
+                "lagging: committed events wait to be published and confirmed"
+            );
+        } else if self.lagging && lag_seconds < Self::CAUGHT_UP {
+            self.lagging = false;
+            tracing::info!("caught up");
+        }
+    }
 }
 
 /// Tells the server everything before `lsn` is durable.

@@ -1,6 +1,6 @@
 //! Throwaway servers for tests, the demo and the benchmarks: a PostgreSQL with
-//! `wal_level=logical` and a `nats-server -js`, each on a free loopback port in a
-//! temp dir of its own, stopped (and its files removed) when the handle drops,
+//! `wal_level=logical`, a `nats-server -js` and a Prometheus, each on a free
+//! loopback port in a temp dir of its own, stopped (and its files removed) when the handle drops,
 //! also when a test panics.
 //!
 //! Nothing here ever talks to the machine's own services on 5432/4222: every
@@ -11,9 +11,11 @@
 mod nats;
 mod pg;
 mod process;
+mod prometheus;
 
 pub use nats::NatsServer;
 pub use pg::{PgBuilder, PgServer, StopMode};
+pub use prometheus::PrometheusServer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
