@@ -95,7 +95,7 @@ async fn every_panel_and_alert_works_against_a_live_tailer() {
     let tailer = env.tailer(&["run", "--metrics-addr", &addr, "--stats-interval", "0.5"]);
     wait_streaming(&db, "event_outbox_tailer", &tailer).await;
     let prometheus = PrometheusServer::start(
-        &[addr.clone()],
+        std::slice::from_ref(&addr),
         "outbox-tailer",
         &[repo_root().join("dashboards/alerts.yml")],
     )
