@@ -155,12 +155,26 @@ async fn passwords_and_tokens_are_never_printed() {
     let port = free_port().unwrap();
     let url = format!("postgresql://app:s3cret-pw@127.0.0.1:{port}/chat");
     for format in ["text", "json"] {
-        let (code, output) = run_to_exit(&url, "nats://t0ken-secret@127.0.0.1:1", &["run", "--log-format", format]);
+        let (code, output) = run_to_exit(
+            &url,
+            "nats://t0ken-secret@127.0.0.1:1",
+            &["run", "--log-format", format],
+        );
         assert_eq!(code, 1, "{output}");
-        assert!(!output.contains("s3cret-pw") && !output.contains("t0ken-secret"), "{output}");
+        assert!(
+            !output.contains("s3cret-pw") && !output.contains("t0ken-secret"),
+            "{output}"
+        );
     }
     // A malformed URL is echoed redacted.
-    let (code, output) = run_to_exit("postgresql://app:s3cret-pw@h:notaport/db", "nats://127.0.0.1:1", &["run"]);
+    let (code, output) = run_to_exit(
+        "postgresql://app:s3cret-pw@h:notaport/db",
+        "nats://127.0.0.1:1",
+        &["run"],
+    );
     assert_eq!(code, 2);
-    assert!(output.contains("app:***@") && !output.contains("s3cret-pw"), "{output}");
+    assert!(
+        output.contains("app:***@") && !output.contains("s3cret-pw"),
+        "{output}"
+    );
 }

@@ -1,7 +1,7 @@
 //! A throwaway `nats-server -js` on a free loopback port with its JetStream
 //! store in a temp dir; stopped on drop, restartable on the same port and store.
 
-use super::process::{die_with_parent, find_binary, log_tail, signal, wait_or_kill, wait_until};
+use super::process::{die_with_parent, find_binary, ready_or_kill, signal, wait_or_kill};
 use super::{start_on_free_port, HarnessError};
 use std::io::Read;
 use std::net::TcpStream;
@@ -82,34 +82,25 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         die_with_parent(&mut command);
-        let mut child = command
+        let child = command
             .spawn()
             .map_err(HarnessError::io("starting nats-server"))?;
         let port = self.port;
         // Ready once it greets a client with INFO; the log confirms it is ours
         // (and JetStream is up) rather than a stranger that took the port.
-        let ready = wait_until(&mut child, START_TIMEOUT, || {
-            greets(port)
-                && std::fs::read_to_string(&log).is_ok_and(|text| text.contains("Server is ready"))
-        });
-        match ready {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(exit) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(HarnessError::NotReady {
-                    what: format!(
-                        "nats-server on port {port}{}",
-                        exit.map(|s| format!(" ({s})")).unwrap_or_default()
-                    ),
-                    timeout: START_TIMEOUT,
-                    log: log_tail(&log, 20),
-                })
-            }
-        }
+        let child = ready_or_kill(
+            child,
+            &format!("nats-server on port {port}"),
+            START_TIMEOUT,
+            &log,
+            || {
+                greets(port)
+                    && std::fs::read_to_string(&log)
+                        .is_ok_and(|text| text.contains("Server is ready"))
+            },
+        )?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Stops the server: gracefully (SIGTERM) or as a crash (SIGKILL).

@@ -1,9 +1,7 @@
 //! A throwaway PostgreSQL: `initdb` into a temp dir, `postgres` on a free
 //! loopback port with `wal_level=logical`, stopped and removed on drop.
 
-use super::process::{
-    die_with_parent, find_binary, log_tail, signal, user_ids, wait_or_kill, wait_until,
-};
+use super::process::{die_with_parent, find_binary, ready_or_kill, signal, user_ids, wait_or_kill};
 use super::{start_on_free_port, HarnessError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
@@ -153,39 +151,28 @@ impl PgServer {
             .stderr(Stdio::from(log));
         as_user(&mut command, self.run_as, self.dir.path());
         die_with_parent(&mut command);
-        let mut child = command
+        let child = command
             .spawn()
             .map_err(HarnessError::io("starting postgres"))?;
 
         let pid_file = self.data_dir().join("postmaster.pid");
         let expected_pid = child.id().to_string();
-        let ready = wait_until(&mut child, START_TIMEOUT, || {
-            // postmaster.pid: line 1 the pid, line 8 the state ("ready" once it
-            // accepts connections).
-            let text = std::fs::read_to_string(&pid_file).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines.first() == Some(&expected_pid.as_str())
-                && lines.get(7).map(|s| s.trim()) == Some("ready")
-        });
-        match ready {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(exit) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(HarnessError::NotReady {
-                    what: format!(
-                        "postgres on port {}{}",
-                        self.port,
-                        exit.map(|s| format!(" ({s})")).unwrap_or_default()
-                    ),
-                    timeout: START_TIMEOUT,
-                    log: log_tail(&self.log_path(), 20),
-                })
-            }
-        }
+        let child = ready_or_kill(
+            child,
+            &format!("postgres on port {}", self.port),
+            START_TIMEOUT,
+            &self.log_path(),
+            || {
+                // postmaster.pid: line 1 the pid, line 8 the state ("ready" once it
+                // accepts connections).
+                let text = std::fs::read_to_string(&pid_file).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines.first() == Some(&expected_pid.as_str())
+                    && lines.get(7).map(|s| s.trim()) == Some("ready")
+            },
+        )?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Stops the server; `start_again` brings it back with its data.

@@ -43,30 +43,40 @@ pub(super) fn wait_or_kill(child: &mut Child, timeout: Duration) {
     let _ = child.wait();
 }
 
-/// Polls `ready` every 20 ms until it holds or `timeout` passes. Gives up early
-/// when the child has exited, since it will never become ready then.
-pub(super) fn wait_until(
-    child: &mut Child,
+/// Polls `ready` every 20 ms until it holds, and hands the child back. Gives
+/// up when `timeout` passes or the child exits (it will never be ready then):
+/// the child is killed and the error carries the tail of its log.
+pub(super) fn ready_or_kill(
+    mut child: Child,
+    what: &str,
     timeout: Duration,
+    log: &Path,
     mut ready: impl FnMut() -> bool,
-) -> Result<(), Option<String>> {
+) -> Result<Child, HarnessError> {
     let deadline = Instant::now() + timeout;
-    loop {
+    let exit = loop {
         if ready() {
-            return Ok(());
+            return Ok(child);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(Some(status.to_string()));
+            break format!(" ({status})");
         }
         if Instant::now() >= deadline {
-            return Err(None);
+            break String::new();
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(HarnessError::NotReady {
+        what: format!("{what}{exit}"),
+        timeout,
+        log: log_tail(log, 20),
+    })
 }
 
 /// The last `lines` lines of a log file, for error messages.
-pub(super) fn log_tail(path: &Path, lines: usize) -> String {
+fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

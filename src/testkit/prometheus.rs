@@ -1,7 +1,7 @@
 //! A throwaway Prometheus (Debian's `prometheus`) that scrapes given targets
 //! every second and loads given rule files, on a free loopback port.
 
-use super::process::{die_with_parent, find_binary, log_tail, wait_or_kill, wait_until};
+use super::process::{die_with_parent, find_binary, ready_or_kill, wait_or_kill};
 use super::{start_on_free_port, HarnessError};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -80,30 +80,19 @@ impl PrometheusServer {
             ))
             .stderr(Stdio::from(out));
         die_with_parent(&mut command);
-        let mut child = command
+        let child = command
             .spawn()
             .map_err(HarnessError::io("starting prometheus"))?;
         let port = self.port;
-        match wait_until(&mut child, START_TIMEOUT, || {
-            http_get(port, "/-/ready").is_some_and(|(s, _)| s == 200)
-        }) {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(exit) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(HarnessError::NotReady {
-                    what: format!(
-                        "prometheus on port {port}{}",
-                        exit.map(|s| format!(" ({s})")).unwrap_or_default()
-                    ),
-                    timeout: START_TIMEOUT,
-                    log: log_tail(&log, 20),
-                })
-            }
-        }
+        let child = ready_or_kill(
+            child,
+            &format!("prometheus on port {port}"),
+            START_TIMEOUT,
+            &log,
+            || http_get(port, "/-/ready").is_some_and(|(s, _)| s == 200),
+        )?;
+        self.child = Some(child);
+        Ok(())
     }
 
     pub fn url(&self) -> String {
