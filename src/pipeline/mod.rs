@@ -86,21 +86,14 @@ pub async fn run_session(
     metrics: &Arc<Metrics>,
     shutdown: &mut Shutdown,
 ) -> Result<Drained, Error> {
-    let db = Arc::new(
-        setup::connect(config)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?,
-    );
-    let marker = Arc::new(Marker::prepare(&db, config.event_logs).await?);
-    let stream = source::open(config).await?;
-    // Transactions that committed before this point may have been published
-    // by an earlier run (a replay): their rows are checked before publishing.
-    let horizon = current_wal_lsn(&db).await?;
-    tracing::info!(slot = %config.slot, replay_horizon = %horizon, "streaming");
     metrics.sessions.inc();
-    metrics.replication_connected.set(1);
-    let result =
-        stream_until_done(config, js, metrics, shutdown, db, marker, stream, horizon).await;
+    let result = match Opened::open(config).await {
+        Ok(opened) => {
+            metrics.replication_connected.set(1);
+            stream_until_done(config, js, metrics, shutdown, opened).await
+        }
+        Err(error) => Err(error),
+    };
     metrics.replication_connected.set(0);
     metrics.replication_lag_seconds.set(0.0);
     if result.is_err() {
@@ -109,18 +102,49 @@ pub async fn run_session(
     result
 }
 
+/// What a session works with once the slot is held.
+struct Opened {
+    db: Arc<Client>,
+    marker: Arc<Marker>,
+    stream: ReplicationClient,
+    /// Transactions that committed before this point may have been published
+    /// by an earlier run (a replay): their rows are checked before publishing.
+    horizon: Lsn,
+}
+
+impl Opened {
+    async fn open(config: &Config) -> Result<Opened, Error> {
+        let db = setup::connect(config)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let db = Arc::new(db);
+        let marker = Arc::new(Marker::prepare(&db, config.event_logs).await?);
+        let stream = source::open(config).await?;
+        let horizon = current_wal_lsn(&db).await?;
+        tracing::info!(slot = %config.slot, replay_horizon = %horizon, "streaming");
+        Ok(Opened {
+            db,
+            marker,
+            stream,
+            horizon,
+        })
+    }
+}
+
 /// The body of a session, once the stream is open.
-#[allow(clippy::too_many_arguments)]
 async fn stream_until_done(
     config: &Config,
     js: &async_nats::jetstream::Context,
     metrics: &Arc<Metrics>,
     shutdown: &mut Shutdown,
-    db: Arc<Client>,
-    marker: Arc<Marker>,
-    mut stream: ReplicationClient,
-    horizon: Lsn,
+    opened: Opened,
 ) -> Result<Drained, Error> {
+    let Opened {
+        db,
+        marker,
+        mut stream,
+        horizon,
+    } = opened;
     let (inflight_tx, inflight_rx) = mpsc::channel(PUBLISH_WINDOW);
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (confirmed_tx, mut confirmed_rx) = watch::channel(Lsn::ZERO);
