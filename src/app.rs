@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 /// A session that streamed this long counts as healthy: the next failure
 /// starts the backoff from the beginning.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// How often a standby tries to take the slot.
+const STANDBY_POLL: Duration = Duration::from_secs(2);
 
 /// `outbox-tailer setup`: checks, then publication, slot and stream.
 pub async fn setup(config: &Config) -> Result<(), Error> {
@@ -59,6 +61,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
     ));
     let js = jetstream::context(jetstream::connect(config, metrics.clone()).await?);
     let mut attempt = 0;
+    // Logged once on becoming a standby, not on every poll.
+    let mut standby = false;
     loop {
         // Every session checks the stream: one deleted meanwhile is recreated.
         if !ensure_stream(&js, config, &mut shutdown).await {
@@ -78,13 +82,21 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         if started.elapsed() >= HEALTHY_SESSION {
             attempt = 0;
         }
-        let delay = Backoff::RECONNECT.delay(attempt);
-        attempt += 1;
-        if error.slot_in_use() {
-            tracing::info!(slot = %config.slot, "standby: another tailer holds the slot; waiting to take over");
+        // A standby polls the slot at a steady pace so it takes over soon
+        // after the active tailer dies; anything else backs off.
+        let delay = if error.slot_in_use() {
+            if !standby {
+                tracing::info!(slot = %config.slot, "standby: another tailer holds the slot; waiting to take over");
+            }
+            standby = true;
+            STANDBY_POLL
         } else {
+            standby = false;
+            let delay = Backoff::RECONNECT.delay(attempt);
+            attempt += 1;
             tracing::warn!(%error, retry_in = ?delay, "replication session ended; reconnecting");
-        }
+            delay
+        };
         if sleep_or_shutdown(delay, &mut shutdown).await {
             return Ok(());
         }
