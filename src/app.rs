@@ -2,9 +2,10 @@
 //! replication session, and another after a retryable failure, until shutdown).
 
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{Config, RequeueArgs};
 use crate::error::{Action, Error};
 use crate::metrics::Metrics;
+use crate::outbox::sweeper::{self, Horizon};
 use crate::publish::jetstream;
 use crate::replication::setup::{self, SetupError};
 use crate::shutdown::Shutdown;
@@ -60,6 +61,14 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         shutdown.clone(),
     ));
     let js = jetstream::context(jetstream::connect(config, metrics.clone()).await?);
+    let sweep = Arc::new(Horizon::default());
+    tokio::spawn(run_sweeper(
+        config.clone(),
+        js.clone(),
+        sweep.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let mut attempt = 0;
     // Logged once on becoming a standby, not on every poll.
     let mut standby = false;
@@ -69,7 +78,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             return Ok(());
         }
         let started = Instant::now();
-        let error = match pipeline::run_session(config, &js, &metrics, &mut shutdown).await {
+        let error = match pipeline::run_session(config, &js, &metrics, &sweep, &mut shutdown).await
+        {
             Ok(drained) => {
                 tracing::info!(confirmed = %drained.confirmed, "stopped");
                 return Ok(());
@@ -99,6 +109,76 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         };
         if sleep_or_shutdown(delay, &mut shutdown).await {
             return Ok(());
+        }
+    }
+}
+
+/// `outbox-tailer requeue`: moves `failed` events back to `pending` (with a
+/// fresh retry budget; `last_error` is kept for audit). The stream will not
+/// deliver them again, so the sweeper publishes them.
+pub async fn requeue(config: &Config, which: &RequeueArgs) -> Result<u64, Error> {
+    const SET: &str =
+        "UPDATE event_outbox SET status = 'pending', retry_count = 0, next_retry_at = now() \
+                       WHERE status = 'failed'";
+    let db = setup::connect(config).await?;
+    let count = if !which.ids.is_empty() {
+        db.execute(&format!("{SET} AND id = ANY($1)"), &[&which.ids])
+            .await?
+    } else if let Some(event_type) = &which.event_type {
+        db.execute(&format!("{SET} AND event_type = $1"), &[event_type])
+            .await?
+    } else {
+        db.execute(SET, &[]).await?
+    };
+    Ok(count)
+}
+
+/// How often the sweeper looks for pending rows the stream will not deliver.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The catch-up sweeper's loop, on its own connection (re-opened after an
+/// error), until shutdown.
+async fn run_sweeper(
+    config: Config,
+    js: async_nats::jetstream::Context,
+    horizon: Arc<Horizon>,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    let mut db = None;
+    loop {
+        if sleep_or_shutdown(SWEEP_INTERVAL, &mut shutdown).await {
+            return;
+        }
+        if db
+            .as_ref()
+            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
+        {
+            db = setup::connect(&config).await.ok();
+        }
+        let Some(client) = db.as_mut() else { continue };
+        match sweeper::sweep(
+            client,
+            &js,
+            &config.subject_prefix,
+            &horizon,
+            config.sweep_min_age,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(published) => {
+                metrics.swept.inc_by(published);
+                tracing::info!(
+                    published,
+                    "sweeper published pending rows the stream will not deliver"
+                );
+            }
+            Err(error) => {
+                metrics.sweep_errors.inc();
+                tracing::warn!(%error, "sweep failed; trying again");
+                db = None;
+            }
         }
     }
 }

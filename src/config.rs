@@ -123,6 +123,14 @@ pub struct Options {
         default_value_t = 10.0
     )]
     pub stats_interval: f64,
+    /// Seconds a pending row must be older than the stream's confirmed horizon before the sweeper publishes it.
+    #[arg(
+        long,
+        env = "OUTBOX_SWEEP_MIN_AGE",
+        global = true,
+        default_value_t = 60.0
+    )]
+    pub sweep_min_age: f64,
     /// Log lines as text or as one JSON object a line.
     #[arg(
         long,
@@ -155,6 +163,8 @@ pub enum ConfigError {
     BadMetricsAddr(String),
     #[error("--stats-interval {0} is not a number of seconds between 0.1 and 3600")]
     BadStatsInterval(f64),
+    #[error("--sweep-min-age {0} is not a number of seconds between 0 and 86400")]
+    BadSweepMinAge(f64),
 }
 
 /// The validated configuration. Its `Debug` never shows passwords.
@@ -172,6 +182,7 @@ pub struct Config {
     pub max_retries: u32,
     pub event_logs: bool,
     pub stats_interval: std::time::Duration,
+    pub sweep_min_age: std::time::Duration,
     pub log_format: LogFormat,
 }
 
@@ -188,6 +199,7 @@ impl fmt::Debug for Config {
             .field("max_retries", &self.max_retries)
             .field("event_logs", &self.event_logs)
             .field("stats_interval", &self.stats_interval)
+            .field("sweep_min_age", &self.sweep_min_age)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -225,6 +237,9 @@ impl Config {
                 options.subject_prefix.clone(),
             ));
         }
+        if !(0.0..=86400.0).contains(&options.sweep_min_age) {
+            return Err(ConfigError::BadSweepMinAge(options.sweep_min_age));
+        }
         if !(0.1..=3600.0).contains(&options.stats_interval) {
             return Err(ConfigError::BadStatsInterval(options.stats_interval));
         }
@@ -244,6 +259,7 @@ impl Config {
             max_retries: options.max_retries,
             event_logs: options.event_logs,
             stats_interval: std::time::Duration::from_secs_f64(options.stats_interval),
+            sweep_min_age: std::time::Duration::from_secs_f64(options.sweep_min_age),
             log_format: options.log_format,
         })
     }

@@ -10,8 +10,6 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 2;
 /// Exit code for a failure at run time (the line says what to fix).
 const EXIT_FAILURE: u8 = 1;
-/// Exit code for a subcommand this build does not do yet.
-const EXIT_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,28 +44,23 @@ fn main() -> ExitCode {
                 .await
                 .map(|text| println!("{}", text.trim_end()))
                 .map_err(|e| e.to_string()),
-            Command::Requeue(_) => Err(unavailable("requeue", "#5 (dead letters)")),
+            Command::Requeue(which) => app::requeue(&config, &which)
+                .await
+                .map(|count| {
+                    println!("requeued {count} failed events; a running tailer publishes them")
+                })
+                .map_err(|e| e.to_string()),
         }
     });
     // Whatever is still running (a NATS reconnect loop) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(line) if line.starts_with(UNAVAILABLE) => {
-            eprintln!("outbox-tailer: {line}");
-            ExitCode::from(EXIT_UNAVAILABLE)
-        }
         Err(line) => {
             eprintln!("outbox-tailer: {line}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
-}
-
-const UNAVAILABLE: &str = "not available in this build yet";
-
-fn unavailable(name: &str, issue: &str) -> String {
-    format!("{UNAVAILABLE}: `{name}` arrives with issue {issue}")
 }
 
 fn init_logging(format: LogFormat) {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub confirmed_lsn: IntGauge,
     pub last_publish_timestamp: Gauge,
     pub stats_poll_errors: IntCounter,
+    pub swept: IntCounter,
+    pub sweep_errors: IntCounter,
 }
 
 impl Metrics {
@@ -154,6 +156,11 @@ impl Metrics {
                 "Unix time of the last JetStream ack.",
             ),
             stats_poll_errors: counter("outbox_stats_poll_errors_total", "Failed polls of the outbox statistics."),
+            swept: counter(
+                "outbox_sweeper_published_total",
+                "Pending rows the catch-up sweeper published (rows the stream will not deliver).",
+            ),
+            sweep_errors: counter("outbox_sweeper_errors_total", "Sweeps that failed (retried at the next interval)."),
             registry,
         }
     }

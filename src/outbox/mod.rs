@@ -4,5 +4,6 @@
 pub mod marker;
 pub mod producer;
 pub mod replay;
+pub mod sweeper;
 
 pub use producer::{insert_event, insert_event_with, NewEvent, INSERT_EVENT_SQL};

@@ -7,7 +7,9 @@
 //! merely not visible *yet* is never mistaken for a deleted one.
 
 use crate::replication::pgoutput::OutboxRow;
+use pgwire_replication::Lsn;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
@@ -31,6 +33,9 @@ pub struct Replayed {
 }
 
 pub struct ReplayCheck {
+    db: Arc<Client>,
+    /// Transactions committed before this position may be replays.
+    horizon: Lsn,
     status: Statement,
     visible: Statement,
     /// A 64-bit transaction id from the session's start, to widen the
@@ -39,23 +44,33 @@ pub struct ReplayCheck {
 }
 
 impl ReplayCheck {
-    pub async fn prepare(db: &Client) -> Result<ReplayCheck, tokio_postgres::Error> {
+    /// A check for transactions that committed before `horizon`.
+    pub async fn prepare(
+        db: Arc<Client>,
+        horizon: Lsn,
+    ) -> Result<ReplayCheck, tokio_postgres::Error> {
         let status = db.prepare(STATUS_SQL).await?;
         let visible = db.prepare(VISIBLE_SQL).await?;
         let current: String = db.query_one(CURRENT_XID_SQL, &[]).await?.get(0);
         let current_xid = current.parse().unwrap_or(0);
         Ok(ReplayCheck {
+            db,
+            horizon,
             status,
             visible,
             current_xid,
         })
     }
 
-    /// Splits the rows of replayed transaction `xid` into those to publish
-    /// and those to skip.
+    /// Whether a transaction whose commit record is at `commit_lsn` may be a replay.
+    pub fn covers(&self, commit_lsn: Lsn) -> bool {
+        commit_lsn <= self.horizon
+    }
+
+    /// Splits the rows of transaction `xid` into those to publish and those
+    /// to skip.
     pub async fn check(
         &self,
-        db: &Client,
         xid: u32,
         rows: Vec<OutboxRow>,
     ) -> Result<Replayed, tokio_postgres::Error> {
@@ -65,7 +80,8 @@ impl ReplayCheck {
         let mut pause = Duration::from_millis(1);
         loop {
             let ids: Vec<Uuid> = waiting.iter().map(|row| row.id).collect();
-            let pending: HashMap<Uuid, bool> = db
+            let pending: HashMap<Uuid, bool> = self
+                .db
                 .query(&self.status, &[&ids])
                 .await?
                 .iter()
@@ -82,7 +98,8 @@ impl ReplayCheck {
             if missing.is_empty() {
                 return Ok(outcome);
             }
-            let visible: bool = db
+            let visible: bool = self
+                .db
                 .query_one(&self.visible, &[&widen(xid, self.current_xid).to_string()])
                 .await?
                 .get(0);

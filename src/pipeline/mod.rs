@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
+use crate::outbox::sweeper::Horizon;
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
@@ -84,13 +85,14 @@ pub async fn run_session(
     config: &Config,
     js: &async_nats::jetstream::Context,
     metrics: &Arc<Metrics>,
+    sweep: &Arc<Horizon>,
     shutdown: &mut Shutdown,
 ) -> Result<Drained, Error> {
     metrics.sessions.inc();
     let result = match Opened::open(config).await {
         Ok(opened) => {
             metrics.replication_connected.set(1);
-            stream_until_done(config, js, metrics, shutdown, opened).await
+            stream_until_done(config, js, metrics, sweep, shutdown, opened).await
         }
         Err(error) => Err(error),
     };
@@ -136,6 +138,7 @@ async fn stream_until_done(
     config: &Config,
     js: &async_nats::jetstream::Context,
     metrics: &Arc<Metrics>,
+    sweep: &Arc<Horizon>,
     shutdown: &mut Shutdown,
     opened: Opened,
 ) -> Result<Drained, Error> {
@@ -156,14 +159,13 @@ async fn stream_until_done(
         confirmed_tx,
         metrics.clone(),
     ));
-    let replay = ReplayCheck::prepare(&db).await?;
+    let replay = ReplayCheck::prepare(db.clone(), horizon).await?;
     let mut reader = Reader::new(
         config,
         js.clone(),
         inflight_tx,
-        db,
         replay,
-        horizon,
+        sweep.clone(),
         metrics.clone(),
     );
     let mut progress = Progress::new(Lsn::ZERO);

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::replay::ReplayCheck;
+use crate::outbox::sweeper::{parse_utc_micros, Horizon};
 use crate::publish::message::Message;
 use crate::replication::pgoutput::{Decoder, OutboxRow};
 use crate::replication::progress::seconds_since;
@@ -14,7 +15,6 @@ use pgwire_replication::{Lsn, ReplicationEvent};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::mpsc::Sender;
-use tokio_postgres::Client;
 
 /// Rows of a replayed transaction checked against the table in one query.
 const REPLAY_CHUNK: usize = 2000;
@@ -25,10 +25,7 @@ pub(super) struct Reader {
     js: jetstream::Context,
     /// None once the reader is closed (shutdown): the acker then drains.
     inflight: Option<Sender<InFlight>>,
-    db: Arc<Client>,
     replay: ReplayCheck,
-    /// Transactions committed before this position may be replays.
-    horizon: Lsn,
     /// The open transaction, if any.
     open: Option<OpenTransaction>,
     /// Rows of a replayed transaction waiting for their status check.
@@ -38,6 +35,8 @@ pub(super) struct Reader {
     /// Ends and commit times of the transactions not yet confirmed, oldest
     /// first: the replication lag in seconds is the age of the first.
     unconfirmed: VecDeque<(Lsn, i64)>,
+    /// Shared with the sweeper: what the stream confirmed, what it swept.
+    sweep: Arc<Horizon>,
     metrics: Arc<Metrics>,
 }
 
@@ -46,9 +45,8 @@ impl Reader {
         config: &Config,
         js: jetstream::Context,
         inflight: Sender<InFlight>,
-        db: Arc<Client>,
         replay: ReplayCheck,
-        horizon: Lsn,
+        sweep: Arc<Horizon>,
         metrics: Arc<Metrics>,
     ) -> Reader {
         Reader {
@@ -56,13 +54,12 @@ impl Reader {
             subject_prefix: config.subject_prefix.clone(),
             js,
             inflight: Some(inflight),
-            db,
             replay,
-            horizon,
             open: None,
             replayed: Vec::new(),
             last_confirm: Lsn::ZERO,
             unconfirmed: VecDeque::new(),
+            sweep,
             metrics,
         }
     }
@@ -72,11 +69,33 @@ impl Reader {
         self.inflight = None;
     }
 
-    /// Everything up to `lsn` is confirmed to the server.
+    /// Everything up to `lsn` is confirmed to the server: so is every
+    /// transaction that committed before the newest time confirmed with it.
     pub(super) fn acknowledged(&mut self, lsn: Lsn) {
-        while self.unconfirmed.front().is_some_and(|(end, _)| *end <= lsn) {
+        while let Some((_, at)) = self
+            .unconfirmed
+            .front()
+            .copied()
+            .filter(|(end, _)| *end <= lsn)
+        {
             self.unconfirmed.pop_front();
+            self.sweep.confirmed_up_to(at);
         }
+    }
+
+    /// Whether `row` must be looked up before publishing: its transaction is
+    /// a possible replay, or the sweeper may have published the row already
+    /// (from then on the rest of the transaction goes the same way, in order).
+    fn must_check(&mut self, row: &OutboxRow) -> bool {
+        let Some(tx) = self.open.as_mut() else {
+            return false;
+        };
+        if !tx.check
+            && parse_utc_micros(&row.created_at).is_some_and(|at| self.sweep.maybe_swept(at))
+        {
+            tx.check = true;
+        }
+        tx.check
     }
 
     /// Age of the oldest received commit not yet confirmed; 0 when caught up.
@@ -99,7 +118,7 @@ impl Reader {
             } => {
                 self.open = Some(OpenTransaction {
                     xid,
-                    replay: final_lsn <= self.horizon,
+                    check: self.replay.covers(final_lsn),
                     committed_at: commit_time_micros,
                 });
                 Ok(())
@@ -108,7 +127,7 @@ impl Reader {
                 let Some(row) = self.decoder.decode(&data)? else {
                     return Ok(());
                 };
-                if self.open.is_some_and(|tx| tx.replay) {
+                if self.must_check(&row) {
                     self.replayed.push(row);
                     if self.replayed.len() >= REPLAY_CHUNK {
                         self.publish_replayed().await?;
@@ -133,7 +152,14 @@ impl Reader {
             // Between transactions everything before the server's position
             // has been delivered: confirming it lets an idle outbox release
             // the WAL that other tables write.
-            ReplicationEvent::KeepAlive { wal_end, .. } if self.open.is_none() => {
+            ReplicationEvent::KeepAlive {
+                wal_end,
+                server_time_micros,
+                ..
+            } if self.open.is_none() => {
+                if wal_end > self.last_confirm {
+                    self.unconfirmed.push_back((wal_end, server_time_micros));
+                }
                 self.confirm(wal_end).await
             }
             ReplicationEvent::KeepAlive { .. }
@@ -176,7 +202,7 @@ impl Reader {
         }
         let rows = std::mem::take(&mut self.replayed);
         let xid = self.open.map_or(0, |tx| tx.xid);
-        let outcome = self.replay.check(&self.db, xid, rows).await?;
+        let outcome = self.replay.check(xid, rows).await?;
         if outcome.settled + outcome.deleted > 0 {
             self.metrics
                 .replay_skipped
@@ -209,8 +235,9 @@ impl Reader {
 #[derive(Debug, Clone, Copy)]
 struct OpenTransaction {
     xid: u32,
-    /// Committed before the session started: maybe published already.
-    replay: bool,
+    /// Its rows are looked up before publishing: it committed before the
+    /// session started (a replay), or holds rows the sweeper may have taken.
+    check: bool,
     /// Commit time, µs since 2000-01-01.
     committed_at: i64,
 }

@@ -1,0 +1,204 @@
+//! The catch-up sweeper: publishes `pending` rows the stream will never
+//! deliver (rows inserted before the slot existed, requeued rows, rows left
+//! behind when a slot was lost and recreated).
+//!
+//! It reads them through the `(status, next_retry_at, created_at)` index in
+//! batches of 500 with `FOR UPDATE SKIP LOCKED`, honouring `next_retry_at`,
+//! publishes each batch (pipelined), marks it and commits. It does not race
+//! the stream: it only takes rows created well before the time up to which
+//! the stream has confirmed everything ([`Horizon`]), and the stream checks a
+//! row created before the sweeper's cutoff before publishing it (a long
+//! transaction can commit a row with an old `created_at`). When nothing is
+//! due the sweep is one index probe that finds nothing.
+
+use crate::publish::message::Message;
+use crate::replication::pgoutput::OutboxRow;
+use crate::replication::progress::pg_now_micros;
+use async_nats::jetstream::{self, message::PublishMessage};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+const SWEEP_SQL: &str =
+    "SELECT id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
+       payload::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' \
+     FROM event_outbox \
+     WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1 \
+     ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED";
+const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
+     WHERE id = ANY($1) AND status = 'pending'";
+
+/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// What the stream and the sweeper tell each other so that they do not both
+/// publish a row. Times are microseconds since 2000-01-01; 0 means unknown.
+#[derive(Debug, Default)]
+pub struct Horizon {
+    /// The stream has confirmed every transaction that committed before this.
+    confirmed_at: AtomicI64,
+    /// The sweeper may have taken rows created before this.
+    swept_before: AtomicI64,
+}
+
+impl Horizon {
+    pub fn confirmed_up_to(&self, at: i64) {
+        self.confirmed_at.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// True when a row created at `created_at` may have been swept already.
+    pub fn maybe_swept(&self, created_at: i64) -> bool {
+        created_at < self.swept_before.load(Ordering::Relaxed)
+    }
+
+    /// The newest `created_at` the sweeper may take now, or None while the
+    /// stream has confirmed nothing yet.
+    fn cutoff(&self, min_age: Duration) -> Option<i64> {
+        let confirmed = self.confirmed_at.load(Ordering::Relaxed);
+        if confirmed == 0 {
+            return None;
+        }
+        let age = i64::try_from(min_age.as_micros()).unwrap_or(i64::MAX);
+        Some(confirmed.min(pg_now_micros()).saturating_sub(age))
+    }
+}
+
+/// One sweep: publishes and marks due rows below the cutoff, in batches,
+/// until none is left. Returns how many rows it published.
+pub async fn sweep(
+    db: &mut Client,
+    js: &jetstream::Context,
+    subject_prefix: &str,
+    horizon: &Horizon,
+    min_age: Duration,
+) -> Result<u64, SweepError> {
+    let Some(cutoff) = horizon.cutoff(min_age) else {
+        return Ok(0);
+    };
+    // Rows created before the cutoff may be taken from now on: the stream
+    // checks such rows before publishing them.
+    horizon.swept_before.fetch_max(cutoff, Ordering::Relaxed);
+    let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(cutoff + PG_EPOCH_UNIX_MICROS) * 1000,
+    )
+    .map_err(|e| SweepError::Internal(e.to_string()))?;
+    let mut published = 0;
+    loop {
+        let tx = db.transaction().await?;
+        let rows = tx.query(SWEEP_SQL, &[&cutoff_time]).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(published);
+        }
+        let mut acks = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let row = OutboxRow {
+                id: r.get(0),
+                aggregate_type: r.get(1),
+                aggregate_id: r.get(2),
+                user_id: r.get(3),
+                project_id: r.get(4),
+                event_type: r.get(5),
+                payload: bytes::Bytes::from(r.get::<_, String>(6)),
+                created_at: r.get(7),
+            };
+            let message = Message::from_row(subject_prefix, &row);
+            let publish = PublishMessage::build()
+                .payload(message.body)
+                .headers(message.headers);
+            acks.push(
+                js.send_publish(message.subject, publish)
+                    .await
+                    .map_err(|e| SweepError::Nats(e.to_string()))?,
+            );
+            ids.push(row.id);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| SweepError::Nats(e.to_string()))?;
+        }
+        tx.execute(MARK_SQL, &[&ids]).await?;
+        tx.commit().await?;
+        published += ids.len() as u64;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// PostgreSQL's ISO UTC text (`2026-11-26 18:28:37.123456+00`) as
+/// microseconds since 2000-01-01; None for anything else.
+pub fn parse_utc_micros(text: &str) -> Option<i64> {
+    let text = text.strip_suffix("+00")?;
+    let (date, clock) = text.split_once(' ')?;
+    let mut d = date.split('-').map(|p| p.parse::<i32>().ok());
+    let (year, month, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<u8>().ok());
+    let (hour, minute, second) = (t.next()??, t.next()??, t.next()??);
+    let micros: u32 = format!("{fraction:0<6}").get(..6)?.parse().ok()?;
+    let date = time::Date::from_calendar_date(
+        year,
+        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
+        u8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let at = date
+        .with_hms_micro(hour, minute, second, micros)
+        .ok()?
+        .assume_utc();
+    let unix_micros = i64::try_from(at.unix_timestamp_nanos() / 1000).ok()?;
+    Some(unix_micros - PG_EPOCH_UNIX_MICROS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_stream_timestamps() {
+        assert_eq!(parse_utc_micros("2000-01-01 00:00:00+00"), Some(0));
+        assert_eq!(
+            parse_utc_micros("2000-01-01 00:00:01.5+00"),
+            Some(1_500_000)
+        );
+        assert_eq!(
+            parse_utc_micros("2000-01-02 00:00:00.000001+00"),
+            Some(86_400_000_001)
+        );
+        assert_eq!(parse_utc_micros("infinity"), None);
+        assert_eq!(parse_utc_micros("2000-01-01 00:00:00+05:30"), None);
+    }
+
+    #[test]
+    fn the_cutoff_waits_for_the_stream_and_stays_behind_it() {
+        let horizon = Horizon::default();
+        assert_eq!(
+            horizon.cutoff(Duration::from_secs(60)),
+            None,
+            "nothing confirmed yet"
+        );
+        let confirmed = pg_now_micros() - 10_000_000;
+        horizon.confirmed_up_to(confirmed);
+        assert_eq!(
+            horizon.cutoff(Duration::from_secs(60)),
+            Some(confirmed - 60_000_000)
+        );
+        assert!(
+            !horizon.maybe_swept(confirmed - 120_000_000),
+            "nothing swept yet"
+        );
+        horizon
+            .swept_before
+            .store(confirmed - 60_000_000, Ordering::Relaxed);
+        assert!(horizon.maybe_swept(confirmed - 120_000_000));
+        assert!(!horizon.maybe_swept(confirmed));
+    }
+}

@@ -1,0 +1,160 @@
+//! The catch-up sweeper and requeue: pending rows the stream will never
+//! deliver get published, once, without racing the stream.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SLOT: &str = "event_outbox_tailer";
+const STREAM: &str = "EVENTS";
+
+/// One-row transactions until told to stop; returns how many.
+fn spawn_producer(
+    client: tokio_postgres::Client,
+    running: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        while running.load(Ordering::Relaxed) {
+            insert_events(&client, "live", n, 1).await;
+            n += 1;
+        }
+        n
+    })
+}
+
+async fn committed(db: &tokio_postgres::Client) -> u64 {
+    db.query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_from_before_the_slot_are_swept_without_racing_the_stream() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    // Written before any slot exists: the stream will never deliver them.
+    for n in 0..6 {
+        insert_events(&db, "before-slot", n * 100, 100).await;
+    }
+    let tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    // Live traffic while the sweeper works.
+    let running = Arc::new(AtomicBool::new(true));
+    let producer = spawn_producer(env.db().await, running.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.store(false, Ordering::Relaxed);
+    assert!(producer.await.unwrap() > 0);
+
+    let js = env.js().await;
+    let total = committed(&db).await;
+    wait_all_published(&db, &js, STREAM, total, Duration::from_secs(60)).await;
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        total,
+        "every row once: nothing published by both"
+    );
+    assert!(
+        tailer.output().contains("sweeper published"),
+        "{}",
+        tailer.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_stopped_loses_nothing() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let js = env.js().await;
+    let mut tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    insert_events(&db, "first", 0, 100).await;
+    wait_all_published(&db, &js, STREAM, 100, Duration::from_secs(30)).await;
+    tailer.signal(libc::SIGTERM);
+    assert!(tailer
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+
+    // Pending rows, then the slot is lost (dropped, or invalidated and recreated).
+    insert_events(&db, "while-stopped", 0, 250).await;
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT])
+        .await
+        .unwrap();
+
+    let tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    insert_events(&db, "after", 0, 50).await;
+    wait_all_published(&db, &js, STREAM, 400, Duration::from_secs(60)).await;
+    assert_eq!(stream_count(&js, STREAM).await, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeued_events_are_published_again() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    // Dead letters that never reached the stream (written before the slot).
+    db.batch_execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, retry_count, last_error) \
+         SELECT 'chat', 'dead-' || i, CASE WHEN i <= 3 THEN 'kept.type' ELSE 'other.type' END, '{}', 'failed', 10, 'rejected' \
+         FROM generate_series(1, 6) i",
+    )
+    .await
+    .unwrap();
+    let tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    let requeue = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
+            .arg("requeue")
+            .args(args)
+            .env("DATABASE_URL", &env.url)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let one: uuid::Uuid = db
+        .query_one(
+            "SELECT id FROM event_outbox WHERE aggregate_id = 'dead-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(requeue(&["--id", &one.to_string()]).contains("requeued 1 failed events"));
+    assert!(requeue(&["--event-type", "kept.type"]).contains("requeued 2 failed events"));
+    let js = env.js().await;
+    wait_for(
+        "the requeued events in the stream",
+        Duration::from_secs(30),
+        || async { (stream_count(&js, STREAM).await == 3).then_some(()) },
+    )
+    .await;
+    let row = db
+        .query_one(
+            "SELECT status, retry_count, last_error FROM event_outbox WHERE id = $1",
+            &[&one],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, &str>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<&str>>(2)
+        ),
+        ("published", 0, Some("rejected")),
+        "published with a fresh retry budget; last_error kept for audit"
+    );
+    assert!(requeue(&["--all"]).contains("requeued 3 failed events"));
+    wait_all_published(&db, &js, STREAM, 6, Duration::from_secs(30)).await;
+    assert_eq!(stream_count(&js, STREAM).await, 6);
+}
