@@ -11,6 +11,12 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Retrying a failed publish: the first retry within 1 s, at most 30 s.
+    pub const PUBLISH: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(30),
+    };
+
     /// Reconnecting a session: 250 ms, doubling, at most 30 s.
     pub const RECONNECT: Backoff = Backoff {
         base: Duration::from_millis(250),

@@ -1,6 +1,7 @@
 //! The `event_outbox` table, seen from Rust: the producer API, and the
 //! tailer's status writes.
 
+pub mod failures;
 pub mod marker;
 pub mod producer;
 pub mod replay;

@@ -7,11 +7,10 @@
 //! the database a statement and a commit per handful of events, which under
 //! live load is most of what the status writes cost.
 
+use super::retry::Retrier;
 use super::{Batch, InFlight};
 use crate::error::Error;
-use crate::metrics::Metrics;
 use crate::replication::progress::seconds_since;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{Receiver, Sender};
@@ -26,8 +25,9 @@ const LINGER: Duration = Duration::from_millis(20);
 pub(super) async fn run(
     mut inflight: Receiver<InFlight>,
     batches: Sender<Batch>,
-    metrics: Arc<Metrics>,
+    mut retrier: Retrier,
 ) -> Result<(), Error> {
+    let metrics = retrier.metrics.clone();
     let mut batch = Batch::default();
     // When the oldest item of the current batch arrived.
     let mut since = Instant::now();
@@ -55,14 +55,21 @@ pub(super) async fn run(
         }
         match item {
             InFlight::Event {
-                id,
-                ack,
+                row,
+                sent,
                 committed_at,
                 published,
             } => {
-                let ack = ack.await;
+                let first = match sent {
+                    Ok(ack) => ack.await,
+                    Err(error) => Err(error),
+                };
                 metrics.in_flight.dec();
-                let ack = ack.map_err(|e| Error::Nats(format!("publishing event {id}: {e}")))?;
+                let id = row.id;
+                let Some(ack) = retrier.settle(&row, first).await? else {
+                    // A dead letter: its row is `failed`, nothing to mark.
+                    continue;
+                };
                 if ack.duplicate {
                     metrics.duplicates.inc();
                     tracing::debug!(%id, "JetStream dropped a duplicate");

@@ -17,6 +17,7 @@
 
 mod acker;
 mod reader;
+mod retry;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -25,13 +26,15 @@ use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::Horizon;
 use crate::publish::jetstream::PUBLISH_WINDOW;
+use crate::replication::pgoutput::OutboxRow;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
-use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use pgwire_replication::{Lsn, ReplicationClient};
 use prometheus::IntCounter;
 use reader::Reader;
+use retry::Retrier;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -44,12 +47,14 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
 /// Time allowed, on shutdown, for the final position to reach the server.
 const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// An item between the reader and the acker, in stream order.
+/// An item between the reader and the acker, in stream order. Nearly every
+/// item is an event, so boxing it would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 enum InFlight {
-    /// A published event whose ack is still to come.
+    /// A published event whose ack is still to come (or whose send failed).
     Event {
-        id: Uuid,
-        ack: PublishAckFuture,
+        row: OutboxRow,
+        sent: Result<PublishAckFuture, PublishError>,
         /// Its transaction's commit time (µs since 2000-01-01), for latency.
         committed_at: i64,
         /// Its `outbox_events_published_total` series.
@@ -151,7 +156,15 @@ async fn stream_until_done(
     let (inflight_tx, inflight_rx) = mpsc::channel(PUBLISH_WINDOW);
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (confirmed_tx, mut confirmed_rx) = watch::channel(Lsn::ZERO);
-    let mut acker = tokio::spawn(acker::run(inflight_rx, batch_tx, metrics.clone()));
+    let retrier = Retrier {
+        db: db.clone(),
+        js: js.clone(),
+        subject_prefix: config.subject_prefix.clone(),
+        max_retries: config.max_retries,
+        metrics: metrics.clone(),
+        failing: false,
+    };
+    let mut acker = tokio::spawn(acker::run(inflight_rx, batch_tx, retrier));
     let mut marking = tokio::spawn(mark_batches(
         db.clone(),
         marker,

@@ -134,7 +134,7 @@ impl Reader {
                     }
                     Ok(())
                 } else {
-                    self.publish(&row).await
+                    self.publish(row).await
                 }
             }
             ReplicationEvent::Commit {
@@ -168,24 +168,20 @@ impl Reader {
         }
     }
 
-    async fn publish(&mut self, row: &OutboxRow) -> Result<(), Error> {
-        let message = Message::from_row(&self.subject_prefix, row);
-        let ack = self
-            .js
-            .send_publish(
-                message.subject,
-                PublishMessage::build()
-                    .payload(message.body)
-                    .headers(message.headers),
-            )
-            .await
-            .map_err(|e| Error::Nats(format!("publishing event {}: {e}", row.id)))?;
+    /// Sends `row` and hands it down with its ack future. A send that fails
+    /// goes down too: the acker records it and retries in order.
+    async fn publish(&mut self, row: OutboxRow) -> Result<(), Error> {
+        let message = Message::from_row(&self.subject_prefix, &row);
+        let publish = PublishMessage::build()
+            .payload(message.body)
+            .headers(message.headers);
+        let sent = self.js.send_publish(message.subject, publish).await;
         self.metrics.in_flight.inc();
         let event = InFlight::Event {
-            id: row.id,
-            ack,
             committed_at: self.open.map_or(0, |tx| tx.committed_at),
             published: self.metrics.published(&row.aggregate_type),
+            row,
+            sent,
         };
         self.sender()?
             .send(event)
@@ -213,7 +209,7 @@ impl Reader {
                 "replay: rows already published (or since deleted) are not published again"
             );
         }
-        for row in &outcome.publish {
+        for row in outcome.publish {
             self.publish(row).await?;
         }
         Ok(())

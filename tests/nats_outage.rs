@@ -1,0 +1,184 @@
+//! NATS failing: an outage under load is retried (recorded on the rows and in
+//! the metrics) and loses or duplicates nothing; an event no retry can fix
+//! becomes a dead letter without blocking the events behind it, and
+//! `requeue` publishes it once the cause is fixed.
+
+mod common;
+
+use common::*;
+use outbox_tailer::testkit::{free_port, NatsServer};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SLOT: &str = "event_outbox_tailer";
+const STREAM: &str = "EVENTS";
+
+async fn get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_under_load_is_retried_and_loses_nothing() {
+    let mut env = Env::start().await;
+    let db = env.db().await;
+    let port = free_port().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let tailer = env.tailer(&["run", "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    let running = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let client = env.db().await;
+        let running = running.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while running.load(Ordering::Relaxed) {
+                insert_events(&client, "outage", n, 1).await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let js = env.js().await;
+    wait_for("events flowing", Duration::from_secs(30), || async {
+        (stream_count(&js, STREAM).await > 100).then_some(())
+    })
+    .await;
+
+    env.nats.stop(true);
+    let stopped = Instant::now();
+    let mut saw_not_ready = false;
+    while stopped.elapsed() < Duration::from_secs(10) {
+        saw_not_ready |= get(&format!("{base}/readyz")).await.0 == 503;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(saw_not_ready, "/readyz must answer 503 while NATS is down");
+    env.nats.start_again().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.store(false, Ordering::Relaxed);
+    producer.await.unwrap();
+
+    let js = env.js().await;
+    let committed: i64 = db
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_all_published(&db, &js, STREAM, committed as u64, Duration::from_secs(120)).await;
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        committed as u64,
+        "every event once"
+    );
+    let retried: i64 = db
+        .query_one(
+            "SELECT count(*) FROM event_outbox WHERE retry_count > 0 AND last_error IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(retried > 0, "the outage is recorded on the rows");
+    assert_eq!(
+        status_counts(&db).await.2,
+        0,
+        "an outage never makes a dead letter"
+    );
+    let (_, scrape) = get(&format!("{base}/metrics")).await;
+    assert!(
+        metric(&scrape, "outbox_publish_retries_total") > 0.0,
+        "retries are counted"
+    );
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_event_is_a_dead_letter_that_blocks_nothing_and_can_be_requeued() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::start().await;
+    let db = env.db().await;
+    let tailer = env.tailer(&["run", "--max-retries", "2", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    // A 2 MB payload: over nats-server's default max_payload of 1 MB.
+    db.execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('chat', 'big', 'message.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024)))",
+        &[],
+    )
+    .await
+    .unwrap();
+    insert_events(&db, "after-big", 0, 20).await;
+    let js = env.js().await;
+    wait_for("the events after it", Duration::from_secs(20), || async {
+        (stream_count(&js, STREAM).await == 20).then_some(())
+    })
+    .await;
+    let row = db
+        .query_one(
+            "SELECT status, last_error FROM event_outbox WHERE aggregate_id = 'big'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "failed");
+    assert!(
+        row.get::<_, Option<&str>>(1)
+            .is_some_and(|e| e.contains("payload")),
+        "{:?}",
+        row.get::<_, Option<&str>>(1)
+    );
+    assert!(
+        tailer.output().contains("dead letter"),
+        "{}",
+        tailer.output()
+    );
+
+    // Raise the server's limit (a new server with max_payload 4 MB on the
+    // same port would do; here the tailer is pointed at one), then requeue.
+    let config = dir.path().join("nats.conf");
+    std::fs::write(&config, "max_payload: 4194304\n").unwrap();
+    let bigger = NatsServer::start_with(&["-c", config.to_str().unwrap()]).unwrap();
+    drop(tailer);
+    let tailer = Tailer::spawn(
+        &env.url,
+        &bigger.url(),
+        &["run", "--max-retries", "2", "--sweep-min-age", "0"],
+        dir.path(),
+    );
+    wait_streaming(&db, SLOT, &tailer).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
+        .args(["requeue", "--all"])
+        .env("DATABASE_URL", &env.url)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("requeued 1 failed events"));
+    let big_js = async_nats::jetstream::new(async_nats::connect(bigger.url()).await.unwrap());
+    wait_for(
+        "the requeued event published",
+        Duration::from_secs(30),
+        || async {
+            let published: Option<String> = db
+                .query_one(
+                    "SELECT status FROM event_outbox WHERE aggregate_id = 'big'",
+                    &[],
+                )
+                .await
+                .ok()
+                .map(|r| r.get(0));
+            (published.as_deref() == Some("published") && stream_count(&big_js, STREAM).await == 1)
+                .then_some(())
+        },
+    )
+    .await;
+}
