@@ -52,7 +52,14 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     {
         let db = setup::connect(config).await?;
-        setup::prepare(&db, config).await?;
+        match setup::prepare(&db, config).await {
+            // Not fatal: reported (log, outbox_slot_lost) until the operator
+            // drops the slot, then recreated by the next session.
+            Err(SetupError::SlotLost(slot)) => {
+                tracing::error!("{}", SetupError::SlotLost(slot));
+            }
+            other => other?,
+        }
     }
     tokio::spawn(stats::poll(
         config.clone(),

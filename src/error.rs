@@ -46,6 +46,9 @@ pub enum Action {
 impl Error {
     pub fn action(&self) -> Action {
         match self {
+            // Reported every attempt, and recovered from by itself once the
+            // operator drops the invalidated slot.
+            Error::Setup(SetupError::SlotLost(_)) => Action::Retry,
             Error::Setup(_) | Error::Decode(_) | Error::Internal(_) => Action::Stop,
             Error::Nats(_) | Error::Unavailable(_) | Error::PipelineClosed => Action::Retry,
             Error::Database(error) => match error.code() {

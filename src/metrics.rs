@@ -41,6 +41,8 @@ pub struct Metrics {
     pub last_publish_timestamp: Gauge,
     pub stats_poll_errors: IntCounter,
     pub swept: IntCounter,
+    pub slot_missing: IntGauge,
+    pub slot_lost: IntGauge,
     pub sweep_errors: IntCounter,
 }
 
@@ -159,6 +161,11 @@ impl Metrics {
             swept: counter(
                 "outbox_sweeper_published_total",
                 "Pending rows the catch-up sweeper published (rows the stream will not deliver).",
+            ),
+            slot_missing: int_gauge("outbox_slot_missing", "1 while the replication slot does not exist (polled)."),
+            slot_lost: int_gauge(
+                "outbox_slot_lost",
+                "1 while the server has invalidated the slot (wal_status lost, e.g. max_slot_wal_keep_size).",
             ),
             sweep_errors: counter("outbox_sweeper_errors_total", "Sweeps that failed (retried at the next interval)."),
             registry,

@@ -19,7 +19,8 @@ pub const PENDING_SQL: &str =
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
      FROM event_outbox WHERE status = 'pending'";
 pub const FAILED_SQL: &str = "SELECT count(*) FROM event_outbox WHERE status = 'failed'";
-const SLOT_SQL: &str = "SELECT active, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, confirmed_flush_lsn::text \
+const SLOT_SQL: &str = "SELECT active, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, confirmed_flush_lsn::text, \
+            coalesce(wal_status, '') \
      FROM pg_replication_slots WHERE slot_name = $1";
 /// The most recently created published row (an approximation of the last
 /// publish that needs no index on published_at).
@@ -33,6 +34,8 @@ pub struct Stats {
     pub slot_active: Option<bool>,
     pub lag_bytes: Option<i64>,
     pub confirmed_lsn: Option<String>,
+    /// The server's view of the slot's WAL: reserved, extended, unreserved or lost.
+    pub wal_status: Option<String>,
     pub pending: i64,
     pub failed: i64,
     pub oldest_pending_age_seconds: f64,
@@ -51,6 +54,7 @@ pub async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Err
         slot_active: slot_row.as_ref().map(|r| r.get(0)),
         lag_bytes: slot_row.as_ref().and_then(|r| r.get(1)),
         confirmed_lsn: slot_row.as_ref().and_then(|r| r.get(2)),
+        wal_status: slot_row.as_ref().map(|r| r.get(3)),
         pending: pending.get(0),
         failed: failed.get(0),
         oldest_pending_age_seconds: pending.get(1),
@@ -71,6 +75,9 @@ pub async fn query_full(db: &Client, slot: &str) -> Result<Stats, tokio_postgres
 impl Stats {
     pub fn to_text(&self) -> String {
         let slot = match self.slot_active {
+            _ if self.wal_status.as_deref() == Some("lost") => {
+                "INVALIDATED (wal_status lost): drop it; the tailer recreates it".to_owned()
+            }
             None => "missing".to_owned(),
             Some(true) => "active".to_owned(),
             Some(false) => "inactive (no tailer streams from it)".to_owned(),
@@ -104,6 +111,12 @@ impl Stats {
         metrics
             .slot_active
             .set(i64::from(self.slot_active == Some(true)));
+        metrics
+            .slot_missing
+            .set(i64::from(self.slot_active.is_none()));
+        metrics
+            .slot_lost
+            .set(i64::from(self.wal_status.as_deref() == Some("lost")));
         if let Some(lag) = self.lag_bytes {
             metrics.replication_lag_bytes.set(lag.max(0));
         }

@@ -84,7 +84,7 @@ fn promtool_accepts_the_alert_rules() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(alert_expressions().len(), 8);
+    assert_eq!(alert_expressions().len(), 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +193,7 @@ async fn every_panel_and_alert_works_against_a_live_tailer() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 8);
+    assert_eq!(loaded.len(), 9);
     for rule in loaded {
         assert_eq!(rule["health"], "ok", "{rule}");
         assert_eq!(

@@ -158,3 +158,81 @@ async fn requeued_events_are_published_again() {
     wait_all_published(&db, &js, STREAM, 6, Duration::from_secs(30)).await;
     assert_eq!(stream_count(&js, STREAM).await, 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_reported_and_its_recovery_loses_nothing() {
+    let env = Env::start_with(
+        outbox_tailer::testkit::PgServer::builder()
+            .setting("max_slot_wal_keep_size", "1MB")
+            .setting("wal_keep_size", "0"),
+    )
+    .await;
+    let db = env.db().await;
+    let js = env.js().await;
+    let mut tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    insert_events(&db, "first", 0, 100).await;
+    wait_all_published(&db, &js, STREAM, 100, Duration::from_secs(30)).await;
+    tailer.signal(libc::SIGTERM);
+    assert!(tailer
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+
+    // While it is stopped: pending events, then WAL until the server gives up on the slot.
+    insert_events(&db, "while-stopped", 0, 200).await;
+    wait_for("the slot to be invalidated", Duration::from_secs(120), || async {
+        db.batch_execute(
+            "INSERT INTO messages (project_id, user_id, role, content) \
+             SELECT gen_random_uuid(), gen_random_uuid(), 'user', repeat(md5(i::text), 60) FROM generate_series(1, 5000) i; \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        let status: String = db
+            .query_one("SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT])
+            .await
+            .unwrap()
+            .get(0);
+        (status == "lost").then_some(())
+    })
+    .await;
+
+    let port = outbox_tailer::testkit::free_port().unwrap();
+    let tailer = env.tailer(&[
+        "run",
+        "--sweep-min-age",
+        "0",
+        "--stats-interval",
+        "0.2",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    wait_for(
+        "the invalidation to be reported",
+        Duration::from_secs(30),
+        || async {
+            let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (tailer.output().contains("was invalidated by the server")
+                && scrape.contains("outbox_slot_lost 1"))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // The runbook: drop the slot; the tailer recreates it and sweeps.
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT])
+        .await
+        .unwrap();
+    wait_streaming(&db, SLOT, &tailer).await;
+    wait_all_published(&db, &js, STREAM, 300, Duration::from_secs(60)).await;
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        300,
+        "nothing lost, nothing twice"
+    );
+}

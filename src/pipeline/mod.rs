@@ -126,6 +126,7 @@ impl Opened {
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         let db = Arc::new(db);
         let marker = Arc::new(Marker::prepare(&db, config.event_logs).await?);
+        setup::ensure_slot(&db, &config.slot).await?;
         let stream = source::open(config).await?;
         let horizon = current_wal_lsn(&db).await?;
         tracing::info!(slot = %config.slot, replay_horizon = %horizon, "streaming");

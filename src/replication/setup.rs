@@ -26,6 +26,8 @@ pub enum SetupError {
         database: String,
         expected: String,
     },
+    #[error("replication slot {0:?} was invalidated by the server (wal_status lost, e.g. max_slot_wal_keep_size): drop it with SELECT pg_drop_replication_slot('{0}'); the tailer recreates it and its sweeper publishes the rows still pending")]
+    SlotLost(String),
     #[error("cannot create replication slot {name:?}: {reason}")]
     Slot { name: String, reason: String },
     #[error("cannot listen on --metrics-addr {addr}: {reason}")]
@@ -119,10 +121,15 @@ async fn ensure_publication(db: &Client, name: &str) -> Result<(), SetupError> {
     }
 }
 
-async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
+/// Creates the slot when missing (every session checks: a slot dropped
+/// while the tailer runs is recreated, and the sweeper publishes the rows it
+/// left behind). A slot the server invalidated is an error that says how to
+/// recover.
+pub async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
     let existing = db
         .query_opt(
-            "SELECT coalesce(plugin, ''), coalesce(database, ''), current_database()::text \
+            "SELECT coalesce(plugin, ''), coalesce(database, ''), current_database()::text, \
+                    coalesce(wal_status, '') = 'lost' \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&name],
         )
@@ -130,6 +137,9 @@ async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
     if let Some(row) = existing {
         let (plugin, database, expected): (String, String, String) =
             (row.get(0), row.get(1), row.get(2));
+        if row.get::<_, bool>(3) {
+            return Err(SetupError::SlotLost(name.to_owned()));
+        }
         if plugin != "pgoutput" || database != expected {
             return Err(SetupError::WrongSlot {
                 name: name.to_owned(),
