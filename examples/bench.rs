@@ -23,8 +23,8 @@
 use async_nats::jetstream::{self, consumer, stream};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
+use outbox_tailer::outbox::sweeper::{row_from, ROW_COLUMNS};
 use outbox_tailer::publish::message::Message;
-use outbox_tailer::replication::pgoutput::OutboxRow;
 use outbox_tailer::testkit::{alembic, NatsServer, PgServer};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -805,10 +805,10 @@ async fn relay(database_url: &str, nats_url: &str) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let select = db
         .prepare(
-            "SELECT id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, payload::text, \
-                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' \
-             FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
-             ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED",
+            &format!(
+                "SELECT {ROW_COLUMNS} FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
+                 ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+            ),
         )
         .await?;
     let mark = db
@@ -829,16 +829,7 @@ async fn relay(database_url: &str, nats_url: &str) -> Result<()> {
         let mut acks = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for r in &rows {
-            let row = OutboxRow {
-                id: r.get(0),
-                aggregate_type: r.get(1),
-                aggregate_id: r.get(2),
-                user_id: r.get(3),
-                project_id: r.get(4),
-                event_type: r.get(5),
-                payload: bytes::Bytes::from(r.get::<_, String>(6)),
-                created_at: r.get(7),
-            };
+            let row = row_from(r);
             let message = Message::from_row("events", &row);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(message.body)

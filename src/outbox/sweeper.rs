@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tokio_postgres::Client;
 
-const SWEEP_SQL: &str =
-    "SELECT id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
-       payload::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' \
-     FROM event_outbox \
-     WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1 \
+/// The columns [`row_from`] reads, in its order.
+pub const ROW_COLUMNS: &str =
+    "id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
+     payload::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'";
+const SWEEP_WHERE: &str =
+    "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1 \
      ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED";
 const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
      WHERE id = ANY($1) AND status = 'pending'";
@@ -85,7 +86,12 @@ pub async fn sweep(
     let mut published = 0;
     loop {
         let tx = db.transaction().await?;
-        let rows = tx.query(SWEEP_SQL, &[&cutoff_time]).await?;
+        let rows = tx
+            .query(
+                &format!("SELECT {ROW_COLUMNS} {SWEEP_WHERE}"),
+                &[&cutoff_time],
+            )
+            .await?;
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(published);
@@ -93,16 +99,7 @@ pub async fn sweep(
         let mut acks = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for r in &rows {
-            let row = OutboxRow {
-                id: r.get(0),
-                aggregate_type: r.get(1),
-                aggregate_id: r.get(2),
-                user_id: r.get(3),
-                project_id: r.get(4),
-                event_type: r.get(5),
-                payload: bytes::Bytes::from(r.get::<_, String>(6)),
-                created_at: r.get(7),
-            };
+            let row = row_from(r);
             let message = Message::from_row(subject_prefix, &row);
             let publish = PublishMessage::build()
                 .payload(message.body)
@@ -120,6 +117,21 @@ pub async fn sweep(
         tx.execute(MARK_SQL, &[&ids]).await?;
         tx.commit().await?;
         published += ids.len() as u64;
+    }
+}
+
+/// An outbox row read with [`ROW_COLUMNS`], as the stream would deliver it
+/// (the payload as PostgreSQL renders the jsonb, the time in ISO UTC).
+pub fn row_from(r: &tokio_postgres::Row) -> OutboxRow {
+    OutboxRow {
+        id: r.get(0),
+        aggregate_type: r.get(1),
+        aggregate_id: r.get(2),
+        user_id: r.get(3),
+        project_id: r.get(4),
+        event_type: r.get(5),
+        payload: bytes::Bytes::from(r.get::<_, String>(6)),
+        created_at: r.get(7),
     }
 }
 
