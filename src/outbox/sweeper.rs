@@ -47,6 +47,12 @@ impl Horizon {
         self.confirmed_at.fetch_max(at, Ordering::Relaxed);
     }
 
+    /// True once the sweeper has taken rows: only then must the stream look
+    /// rows up (and parse their `created_at`) at all.
+    pub fn sweeping(&self) -> bool {
+        self.swept_before.load(Ordering::Relaxed) != 0
+    }
+
     /// True when a row created at `created_at` may have been swept already.
     pub fn maybe_swept(&self, created_at: i64) -> bool {
         created_at < self.swept_before.load(Ordering::Relaxed)
@@ -76,9 +82,6 @@ pub async fn sweep(
     let Some(cutoff) = horizon.cutoff(min_age) else {
         return Ok(0);
     };
-    // Rows created before the cutoff may be taken from now on: the stream
-    // checks such rows before publishing them.
-    horizon.swept_before.fetch_max(cutoff, Ordering::Relaxed);
     let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
         i128::from(cutoff + PG_EPOCH_UNIX_MICROS) * 1000,
     )
@@ -96,6 +99,11 @@ pub async fn sweep(
             tx.commit().await?;
             return Ok(published);
         }
+        // Rows below the cutoff are being taken: from now on the stream
+        // looks such rows up before publishing them. Set before publishing,
+        // and only when rows were found, so that a sweep with nothing to do
+        // costs the stream nothing.
+        horizon.swept_before.fetch_max(cutoff, Ordering::Relaxed);
         let mut acks = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -155,7 +163,16 @@ pub fn parse_utc_micros(text: &str) -> Option<i64> {
     let (hms, fraction) = clock.split_once('.').unwrap_or((clock, "0"));
     let mut t = hms.split(':').map(|p| p.parse::<u8>().ok());
     let (hour, minute, second) = (t.next()??, t.next()??, t.next()??);
-    let micros: u32 = format!("{fraction:0<6}").get(..6)?.parse().ok()?;
+    // Up to six digits of fraction, right-padded with zeros: no allocation,
+    // this runs per event while the sweeper is active.
+    if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let micros = fraction
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(6)
+        .fold(0u32, |n, b| n * 10 + u32::from(b - b'0'));
     let date = time::Date::from_calendar_date(
         year,
         time::Month::try_from(u8::try_from(month).ok()?).ok()?,
@@ -212,5 +229,15 @@ mod tests {
             .store(confirmed - 60_000_000, Ordering::Relaxed);
         assert!(horizon.maybe_swept(confirmed - 120_000_000));
         assert!(!horizon.maybe_swept(confirmed));
+    }
+
+    #[test]
+    fn the_stream_checks_nothing_until_a_sweep_took_rows() {
+        let horizon = Horizon::default();
+        assert!(!horizon.sweeping());
+        horizon.swept_before.fetch_max(1_000, Ordering::Relaxed);
+        assert!(horizon.sweeping() && horizon.maybe_swept(999) && !horizon.maybe_swept(1_000));
+        assert_eq!(parse_utc_micros("2000-01-01 00:00:00.1234567+00"), None);
+        assert_eq!(parse_utc_micros("2000-01-01 00:00:00.12a+00"), None);
     }
 }

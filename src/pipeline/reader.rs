@@ -91,6 +91,7 @@ impl Reader {
             return false;
         };
         if !tx.check
+            && self.sweep.sweeping()
             && parse_utc_micros(&row.created_at).is_some_and(|at| self.sweep.maybe_swept(at))
         {
             tx.check = true;
