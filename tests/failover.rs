@@ -104,26 +104,7 @@ async fn a_standby_takes_over_within_30_seconds_of_a_kill() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.store(false, Ordering::Relaxed);
     assert!(producer.await.unwrap() > 0);
-    // The table is the truth: an insert whose reply was lost in the restart
-    // may still have committed.
-    let committed: i64 = db
-        .query_one("SELECT count(*) FROM event_outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_all_published(
-        &db,
-        &js,
-        "EVENTS",
-        committed as u64,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(
-        stream_count(&js, "EVENTS").await,
-        committed as u64,
-        "every event once"
-    );
+    assert_every_row_published_once(&db, &js, "EVENTS", Duration::from_secs(60)).await;
     eprintln!("standby took over {took:?} after the kill");
 }
 
@@ -156,26 +137,7 @@ async fn a_postgres_fast_restart_under_load_needs_no_tailer_restart() {
 
     running.store(false, Ordering::Relaxed);
     assert!(producer.await.unwrap() > 0);
-    // The table is the truth: an insert whose reply was lost in the restart
-    // may still have committed.
-    let committed: i64 = db
-        .query_one("SELECT count(*) FROM event_outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_all_published(
-        &db,
-        &js,
-        "EVENTS",
-        committed as u64,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(
-        stream_count(&js, "EVENTS").await,
-        committed as u64,
-        "every event once"
-    );
+    assert_every_row_published_once(&db, &js, "EVENTS", Duration::from_secs(60)).await;
     assert!(
         tailer.output().contains("reconnecting"),
         "{}",

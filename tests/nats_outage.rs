@@ -70,17 +70,7 @@ async fn a_nats_outage_under_load_is_retried_and_loses_nothing() {
     producer.await.unwrap();
 
     let js = env.js().await;
-    let committed: i64 = db
-        .query_one("SELECT count(*) FROM event_outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_all_published(&db, &js, STREAM, committed as u64, Duration::from_secs(120)).await;
-    assert_eq!(
-        stream_count(&js, STREAM).await,
-        committed as u64,
-        "every event once"
-    );
+    assert_every_row_published_once(&db, &js, STREAM, Duration::from_secs(120)).await;
     let retried: i64 = db
         .query_one(
             "SELECT count(*) FROM event_outbox WHERE retry_count > 0 AND last_error IS NOT NULL",

@@ -246,3 +246,25 @@ pub async fn insert_events(db: &Client, aggregate: &str, first: i64, n: i64) {
     .await
     .unwrap();
 }
+
+/// The table is the truth (an insert whose reply was lost may still have
+/// committed): waits until every row is published and asserts the stream
+/// holds exactly that many messages, so none is missing or twice.
+pub async fn assert_every_row_published_once(
+    db: &Client,
+    js: &jetstream::Context,
+    stream: &str,
+    timeout: Duration,
+) {
+    let committed: i64 = db
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_all_published(db, js, stream, committed as u64, timeout).await;
+    assert_eq!(
+        stream_count(js, stream).await,
+        committed as u64,
+        "every event once"
+    );
+}
