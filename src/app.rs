@@ -5,8 +5,9 @@ use crate::backoff::Backoff;
 use crate::config::{Config, RequeueArgs};
 use crate::error::{Action, Error};
 use crate::metrics::Metrics;
-use crate::outbox::sweeper::{self, Horizon};
+use crate::outbox::sweeper::{Horizon, Sweeper, Swept};
 use crate::publish::jetstream;
+use crate::publish::turn::PublishTurn;
 use crate::replication::setup::{self, SetupError};
 use crate::shutdown::Shutdown;
 use crate::{http, pipeline, stats};
@@ -23,7 +24,8 @@ const STANDBY_POLL: Duration = Duration::from_secs(2);
 pub async fn setup(config: &Config) -> Result<(), Error> {
     let db = setup::connect(config).await?;
     setup::prepare(&db, config).await?;
-    let js = jetstream::context(jetstream::connect(config, Arc::new(Metrics::new())).await?);
+    let (client, _) = jetstream::connect(config, Arc::new(Metrics::new())).await?;
+    let js = jetstream::context(client);
     tokio::time::timeout(
         Duration::from_secs(30),
         jetstream::ensure_stream(&js, config),
@@ -67,12 +69,26 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         config.stats_interval,
         shutdown.clone(),
     ));
-    let js = jetstream::context(jetstream::connect(config, metrics.clone()).await?);
+    let (client, connects) = jetstream::connect(config, metrics.clone()).await?;
+    let js = jetstream::context(client);
     let sweep = Arc::new(Horizon::default());
+    let turn = Arc::new(PublishTurn::default());
+    let nats = pipeline::Nats {
+        js: js.clone(),
+        turn: turn.clone(),
+        connects,
+    };
+    let sweeper = Sweeper {
+        js: js.clone(),
+        turn: turn.clone(),
+        horizon: sweep.clone(),
+        subject_prefix: config.subject_prefix.clone(),
+        min_age: config.sweep_min_age,
+        max_retries: config.max_retries,
+    };
     tokio::spawn(run_sweeper(
         config.clone(),
-        js.clone(),
-        sweep.clone(),
+        sweeper,
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -85,14 +101,14 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             return Ok(());
         }
         let started = Instant::now();
-        let error = match pipeline::run_session(config, &js, &metrics, &sweep, &mut shutdown).await
-        {
-            Ok(drained) => {
-                tracing::info!(confirmed = %drained.confirmed, "stopped");
-                return Ok(());
-            }
-            Err(error) => error,
-        };
+        let error =
+            match pipeline::run_session(config, &nats, &metrics, &sweep, &mut shutdown).await {
+                Ok(drained) => {
+                    tracing::info!(confirmed = %drained.confirmed, "stopped");
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
         if error.action() == Action::Stop {
             return Err(error);
         }
@@ -147,8 +163,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// error), until shutdown.
 async fn run_sweeper(
     config: Config,
-    js: async_nats::jetstream::Context,
-    horizon: Arc<Horizon>,
+    sweeper: Sweeper,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
@@ -164,22 +179,19 @@ async fn run_sweeper(
             db = setup::connect(&config).await.ok();
         }
         let Some(client) = db.as_mut() else { continue };
-        match sweeper::sweep(
-            client,
-            &js,
-            &config.subject_prefix,
-            &horizon,
-            config.sweep_min_age,
-        )
-        .await
-        {
-            Ok(0) => {}
-            Ok(published) => {
-                metrics.swept.inc_by(published);
-                tracing::info!(
-                    published,
-                    "sweeper published pending rows the stream will not deliver"
-                );
+        match sweeper.sweep(client).await {
+            Ok(swept) => {
+                metrics.swept.inc_by(swept.published);
+                metrics.publish_retries.inc_by(swept.retried);
+                metrics.events_failed.inc_by(swept.dead);
+                if swept != Swept::default() {
+                    tracing::info!(
+                        published = swept.published,
+                        retried = swept.retried,
+                        failed = swept.dead,
+                        "sweeper published pending rows the stream will not deliver"
+                    );
+                }
             }
             Err(error) => {
                 metrics.sweep_errors.inc();

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub publish_retries: IntCounter,
     pub events_failed: IntCounter,
     pub duplicates: IntCounter,
+    pub resent: IntCounter,
     pub replication_lag_bytes: IntGauge,
     pub replication_lag_seconds: Gauge,
     pub pending_events: IntGauge,
@@ -110,6 +111,10 @@ impl Metrics {
             publish_retries: counter("outbox_publish_retries_total", "Publishes that failed and will be retried."),
             events_failed: counter("outbox_events_failed_total", "Events that became `failed` (dead letters)."),
             duplicates: counter("outbox_duplicates_total", "Re-deliveries JetStream dropped as duplicates (Nats-Msg-Id)."),
+            resent: counter(
+                "outbox_publish_resent_total",
+                "Publishes sent again because one before them failed (or another publisher wrote to the stream), to keep commit order.",
+            ),
             replication_lag_bytes: int_gauge(
                 "outbox_replication_lag_bytes",
                 "Server WAL position minus the slot's confirmed position.",

@@ -2,7 +2,7 @@
 //! `last_error`, and `status = 'failed'` for a dead letter.
 
 use std::time::Duration;
-use tokio_postgres::Client;
+use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 /// `$4` true: the failure makes the event `failed` once `retry_count`
@@ -16,7 +16,7 @@ const RECORD_SQL: &str = "UPDATE event_outbox SET retry_count = retry_count + 1,
 /// dead letter, Some(false) when it stays pending, None when no pending row
 /// was found (not visible yet, or settled meanwhile).
 pub async fn record(
-    db: &Client,
+    db: &impl GenericClient,
     id: Uuid,
     error: &str,
     retry_in: Duration,

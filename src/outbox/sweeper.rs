@@ -4,20 +4,31 @@
 //!
 //! It reads them through the `(status, next_retry_at, created_at)` index in
 //! batches of 500 with `FOR UPDATE SKIP LOCKED`, honouring `next_retry_at`,
-//! publishes each batch (pipelined), marks it and commits. It does not race
-//! the stream: it only takes rows created well before the time up to which
-//! the stream has confirmed everything ([`Horizon`]), and the stream checks a
-//! row created before the sweeper's cutoff before publishing it (a long
-//! transaction can commit a row with an old `created_at`). When nothing is
-//! due the sweep is one index probe that finds nothing.
+//! publishes each batch (pipelined), records failures on their rows as the
+//! stream does, marks the rest and commits. It does not race the stream: it
+//! only takes rows created well before the time up to which the stream has
+//! confirmed everything ([`Horizon`]), and the stream checks a row created
+//! before the sweeper's cutoff before publishing it (a long transaction can
+//! commit a row with an old `created_at`). Each batch is published in the
+//! sweeper's own turn ([`PublishTurn`]), so it never lands between two
+//! chained publishes of the stream. When nothing is due the sweep is one
+//! index probe that finds nothing.
 
+use crate::backoff::Backoff;
+use crate::outbox::failures;
+use crate::publish::failure::{classify, Failure};
 use crate::publish::message::Message;
+use crate::publish::turn::PublishTurn;
 use crate::replication::pgoutput::OutboxRow;
 use crate::replication::progress::pg_now_micros;
 use async_nats::jetstream::{self, message::PublishMessage};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::Client;
+
+/// How many columns [`ROW_COLUMNS`] names.
+const ROW_COLUMN_COUNT: usize = 8;
 
 /// The columns [`row_from`] reads, in its order.
 pub const ROW_COLUMNS: &str =
@@ -70,61 +81,108 @@ impl Horizon {
     }
 }
 
-/// One sweep: publishes and marks due rows below the cutoff, in batches,
-/// until none is left. Returns how many rows it published.
-pub async fn sweep(
-    db: &mut Client,
-    js: &jetstream::Context,
-    subject_prefix: &str,
-    horizon: &Horizon,
-    min_age: Duration,
-) -> Result<u64, SweepError> {
-    let Some(cutoff) = horizon.cutoff(min_age) else {
-        return Ok(0);
-    };
-    let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
-        i128::from(cutoff + PG_EPOCH_UNIX_MICROS) * 1000,
-    )
-    .map_err(|e| SweepError::Internal(e.to_string()))?;
-    let mut published = 0;
-    loop {
-        let tx = db.transaction().await?;
-        let rows = tx
-            .query(
-                &format!("SELECT {ROW_COLUMNS} {SWEEP_WHERE}"),
-                &[&cutoff_time],
-            )
-            .await?;
-        if rows.is_empty() {
+/// What the sweeper works with.
+pub struct Sweeper {
+    pub js: jetstream::Context,
+    pub turn: Arc<PublishTurn>,
+    pub horizon: Arc<Horizon>,
+    pub subject_prefix: String,
+    /// Rows younger than this (before the stream's horizon) are left alone.
+    pub min_age: Duration,
+    pub max_retries: u32,
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub published: u64,
+    /// Failed publishes recorded on rows that stay pending.
+    pub retried: u64,
+    /// Rows that became `failed`.
+    pub dead: u64,
+}
+
+impl Sweeper {
+    /// Publishes and marks due rows below the cutoff, in batches, until none
+    /// is left or NATS fails.
+    pub async fn sweep(&self, db: &mut Client) -> Result<Swept, SweepError> {
+        let mut swept = Swept::default();
+        let Some(cutoff) = self.horizon.cutoff(self.min_age) else {
+            return Ok(swept);
+        };
+        let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(cutoff + PG_EPOCH_UNIX_MICROS) * 1000,
+        )
+        .map_err(|e| SweepError::Internal(e.to_string()))?;
+        loop {
+            // Taken before any row is locked: the publisher hands over with
+            // nothing in flight, and nothing it waits for waits for us.
+            let _turn = self.turn.sweeper().await;
+            let tx = db.transaction().await?;
+            let rows = tx
+                .query(
+                    &format!("SELECT {ROW_COLUMNS}, retry_count {SWEEP_WHERE}"),
+                    &[&cutoff_time],
+                )
+                .await?;
+            if rows.is_empty() {
+                tx.commit().await?;
+                return Ok(swept);
+            }
+            // Rows below the cutoff are being taken: from now on the stream
+            // looks such rows up before publishing them. Set before
+            // publishing, and only when rows were found, so that a sweep with
+            // nothing to do costs the stream nothing.
+            self.horizon
+                .swept_before
+                .fetch_max(cutoff, Ordering::Relaxed);
+            let mut sent = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let row = row_from(r);
+                let retries = u32::try_from(r.get::<_, i32>(ROW_COLUMN_COUNT)).unwrap_or(0);
+                let message = Message::from_row(&self.subject_prefix, &row);
+                let publish = PublishMessage::build()
+                    .payload(message.body)
+                    .headers(message.headers);
+                let ack = self.js.send_publish(message.subject, publish).await;
+                sent.push((row.id, retries, ack));
+            }
+            let mut ids = Vec::with_capacity(sent.len());
+            let mut outage = false;
+            for (id, retries, ack) in sent {
+                let error = match ack {
+                    Ok(ack) => match ack.await {
+                        Ok(_) => {
+                            ids.push(id);
+                            continue;
+                        }
+                        Err(error) => error,
+                    },
+                    Err(error) => error,
+                };
+                let failure = classify(&error);
+                outage |= failure == Failure::Transient;
+                let limit = if failure == Failure::Permanent {
+                    0
+                } else {
+                    self.max_retries
+                };
+                let counts = matches!(failure, Failure::Permanent | Failure::EventSpecific);
+                let delay = Backoff::PUBLISH.delay(retries);
+                match failures::record(&tx, id, &error.to_string(), delay, counts, limit).await? {
+                    Some(true) => swept.dead += 1,
+                    _ => swept.retried += 1,
+                }
+            }
+            tx.execute(MARK_SQL, &[&ids]).await?;
             tx.commit().await?;
-            return Ok(published);
+            swept.published += ids.len() as u64;
+            if outage {
+                // NATS is down: its rows wait out their backoff; the next
+                // sweep tries again rather than timing out batch after batch.
+                return Ok(swept);
+            }
         }
-        // Rows below the cutoff are being taken: from now on the stream
-        // looks such rows up before publishing them. Set before publishing,
-        // and only when rows were found, so that a sweep with nothing to do
-        // costs the stream nothing.
-        horizon.swept_before.fetch_max(cutoff, Ordering::Relaxed);
-        let mut acks = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let row = row_from(r);
-            let message = Message::from_row(subject_prefix, &row);
-            let publish = PublishMessage::build()
-                .payload(message.body)
-                .headers(message.headers);
-            acks.push(
-                js.send_publish(message.subject, publish)
-                    .await
-                    .map_err(|e| SweepError::Nats(e.to_string()))?,
-            );
-            ids.push(row.id);
-        }
-        for ack in acks {
-            ack.await.map_err(|e| SweepError::Nats(e.to_string()))?;
-        }
-        tx.execute(MARK_SQL, &[&ids]).await?;
-        tx.commit().await?;
-        published += ids.len() as u64;
     }
 }
 
@@ -147,8 +205,6 @@ pub fn row_from(r: &tokio_postgres::Row) -> OutboxRow {
 pub enum SweepError {
     #[error("PostgreSQL: {0}")]
     Database(#[from] tokio_postgres::Error),
-    #[error("NATS: {0}")]
-    Nats(String),
     #[error("{0}")]
     Internal(String),
 }

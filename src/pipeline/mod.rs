@@ -2,10 +2,10 @@
 //! task, joined by bounded channels that carry items in commit order.
 //!
 //! ```text
-//!  slot ─► reader ──(publish, keep ack future)──► acker ──(batch of acked ids)──► marker
-//!          decode, replay check, publish           await acks in order            UPDATE … RETURNING id
-//!             ▲                                                                    │
-//!             └──────────── confirmed LSN (watch) ◄────────────────────────────────┘
+//!  slot ─► reader ──(events, positions)──► publisher ──(batch of acked ids)──► marker
+//!          decode, replay check             publish chained, await acks        UPDATE … RETURNING id
+//!             ▲                             in order, retry (go-back-N)             │
+//!             └──────────── confirmed LSN (watch) ◄─────────────────────────────────┘
 //! ```
 //!
 //! Every transaction's end (and every keepalive outside a transaction) goes
@@ -15,9 +15,8 @@
 //! transaction is. Any failure ends the session; the next one resumes from
 //! the slot's confirmed position and re-delivers the rest.
 
-mod acker;
+mod publisher;
 mod reader;
-mod retry;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -25,16 +24,14 @@ use crate::metrics::Metrics;
 use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::Horizon;
-use crate::publish::jetstream::PUBLISH_WINDOW;
+use crate::publish::turn::PublishTurn;
 use crate::replication::pgoutput::OutboxRow;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
-use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use pgwire_replication::{Lsn, ReplicationClient};
-use prometheus::IntCounter;
+use publisher::{Chain, Publisher};
 use reader::Reader;
-use retry::Retrier;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -47,22 +44,22 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
 /// Time allowed, on shutdown, for the final position to reach the server.
 const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// An item between the reader and the acker, in stream order. Nearly every
+/// An item from the reader to the publisher, in stream order. Nearly every
 /// item is an event, so boxing it would only add an allocation per event.
 #[allow(clippy::large_enum_variant)]
-enum InFlight {
-    /// A published event whose ack is still to come (or whose send failed).
+enum Item {
     Event {
         row: OutboxRow,
-        sent: Result<PublishAckFuture, PublishError>,
         /// Its transaction's commit time (µs since 2000-01-01), for latency.
         committed_at: i64,
-        /// Its `outbox_events_published_total` series.
-        published: IntCounter,
     },
     /// Everything before this position has been handed to the pipeline.
     Confirm(Lsn),
 }
+
+/// Events decoded and not yet sent, between the reader and the publisher
+/// (the publisher's window holds those sent and not yet acked).
+const QUEUED: usize = 1024;
 
 /// Acked ids to mark, and the position to confirm once they are marked.
 #[derive(Debug, Default)]
@@ -77,6 +74,15 @@ impl Batch {
     }
 }
 
+/// The NATS side, shared by every session.
+pub struct Nats {
+    pub js: async_nats::jetstream::Context,
+    /// Taken by the sweeper between the publisher's chains.
+    pub turn: Arc<PublishTurn>,
+    /// Bumped on every (re)connect: what was in flight is sent again.
+    pub connects: watch::Receiver<u64>,
+}
+
 /// How a session ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -88,7 +94,7 @@ pub struct Drained {
 /// whether to start another session).
 pub async fn run_session(
     config: &Config,
-    js: &async_nats::jetstream::Context,
+    nats: &Nats,
     metrics: &Arc<Metrics>,
     sweep: &Arc<Horizon>,
     shutdown: &mut Shutdown,
@@ -97,7 +103,7 @@ pub async fn run_session(
     let result = match Opened::open(config).await {
         Ok(opened) => {
             metrics.replication_connected.set(1);
-            stream_until_done(config, js, metrics, sweep, shutdown, opened).await
+            stream_until_done(config, nats, metrics, sweep, shutdown, opened).await
         }
         Err(error) => Err(error),
     };
@@ -142,7 +148,7 @@ impl Opened {
 /// The body of a session, once the stream is open.
 async fn stream_until_done(
     config: &Config,
-    js: &async_nats::jetstream::Context,
+    nats: &Nats,
     metrics: &Arc<Metrics>,
     sweep: &Arc<Horizon>,
     shutdown: &mut Shutdown,
@@ -154,18 +160,18 @@ async fn stream_until_done(
         mut stream,
         horizon,
     } = opened;
-    let (inflight_tx, inflight_rx) = mpsc::channel(PUBLISH_WINDOW);
+    let (items_tx, items_rx) = mpsc::channel(QUEUED);
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (confirmed_tx, mut confirmed_rx) = watch::channel(Lsn::ZERO);
-    let retrier = Retrier {
-        db: db.clone(),
-        js: js.clone(),
-        subject_prefix: config.subject_prefix.clone(),
-        max_retries: config.max_retries,
-        metrics: metrics.clone(),
-        failing: false,
-    };
-    let mut acker = tokio::spawn(acker::run(inflight_rx, batch_tx, retrier));
+    let publisher = Publisher::new(
+        Chain::new(nats.js.clone(), config.subject_prefix.clone()),
+        db.clone(),
+        config.max_retries,
+        metrics.clone(),
+        nats.turn.clone(),
+        nats.connects.clone(),
+    );
+    let mut publishing = tokio::spawn(publisher.run(items_rx, batch_tx));
     let mut marking = tokio::spawn(mark_batches(
         db.clone(),
         marker,
@@ -174,14 +180,7 @@ async fn stream_until_done(
         metrics.clone(),
     ));
     let replay = ReplayCheck::prepare(db.clone(), horizon).await?;
-    let mut reader = Reader::new(
-        config,
-        js.clone(),
-        inflight_tx,
-        replay,
-        sweep.clone(),
-        metrics.clone(),
-    );
+    let mut reader = Reader::new(items_tx, replay, sweep.clone(), metrics.clone());
     let mut progress = Progress::new(Lsn::ZERO);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
     let mut lag_watch = LagWatch::default();
@@ -192,7 +191,7 @@ async fn stream_until_done(
         tokio::select! {
             biased;
             _ = shutdown.fired() => break None,
-            ended = &mut acker => break Some(stage_failure("acker", ended)),
+            ended = &mut publishing => break Some(stage_failure("publisher", ended)),
             ended = &mut marking => break Some(stage_failure("marker", ended)),
             Ok(()) = confirmed_rx.changed() => {
                 let lsn = *confirmed_rx.borrow_and_update();
@@ -217,8 +216,8 @@ async fn stream_until_done(
     };
 
     if let Some(error) = failure {
-        let error = root_cause(error, &mut acker, &mut marking).await;
-        acker.abort();
+        let error = root_cause(error, &mut publishing, &mut marking).await;
+        publishing.abort();
         marking.abort();
         stream.abort();
         return Err(error);
@@ -227,7 +226,7 @@ async fn stream_until_done(
     // Shutdown: stop reading, let what is in flight finish, confirm it.
     reader.close();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        let acked = (&mut acker).await;
+        let acked = (&mut publishing).await;
         let marked = (&mut marking).await;
         (acked, marked)
     })
@@ -235,7 +234,7 @@ async fn stream_until_done(
     if let Ok((Ok(Err(error)), _) | (_, Ok(Err(error)))) = drained {
         tracing::warn!(%error, "in-flight events did not all finish; they will be re-delivered");
     }
-    acker.abort();
+    publishing.abort();
     marking.abort();
     let last = *confirmed_rx.borrow();
     confirm(&stream, &mut progress, &mut reader, metrics, last);
@@ -340,16 +339,16 @@ async fn current_wal_lsn(db: &Client) -> Result<Lsn, Error> {
 }
 
 /// A stage's own error explains a failure better than the closed channel the
-/// stage before it saw: prefer the marker's, then the acker's.
+/// stage before it saw: prefer the marker's, then the publisher's.
 async fn root_cause(
     error: Error,
-    acker: &mut JoinHandle<Result<(), Error>>,
+    publishing: &mut JoinHandle<Result<(), Error>>,
     marking: &mut JoinHandle<Result<(), Error>>,
 ) -> Error {
     if !matches!(error, Error::PipelineClosed) {
         return error;
     }
-    for (stage, handle) in [("marker", marking), ("acker", acker)] {
+    for (stage, handle) in [("marker", marking), ("publisher", publishing)] {
         if let Ok(ended) = tokio::time::timeout(Duration::from_secs(1), &mut *handle).await {
             let cause = stage_failure(stage, ended);
             if !matches!(cause, Error::PipelineClosed) {

@@ -1,16 +1,14 @@
-//! The reader stage: replication events → decoded outbox rows → publishes,
-//! with `Confirm` markers at transaction ends and idle keepalives.
+//! The reader stage: replication events → decoded outbox rows → events for
+//! the publisher, with `Confirm` markers at transaction ends and idle
+//! keepalives.
 
-use super::InFlight;
-use crate::config::Config;
+use super::Item;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::{parse_utc_micros, Horizon};
-use crate::publish::message::Message;
 use crate::replication::pgoutput::{Decoder, OutboxRow};
 use crate::replication::progress::seconds_since;
-use async_nats::jetstream::{self, message::PublishMessage};
 use pgwire_replication::{Lsn, ReplicationEvent};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,10 +19,8 @@ const REPLAY_CHUNK: usize = 2000;
 
 pub(super) struct Reader {
     decoder: Decoder,
-    subject_prefix: String,
-    js: jetstream::Context,
-    /// None once the reader is closed (shutdown): the acker then drains.
-    inflight: Option<Sender<InFlight>>,
+    /// None once the reader is closed (shutdown): the stages behind drain.
+    items: Option<Sender<Item>>,
     replay: ReplayCheck,
     /// The open transaction, if any.
     open: Option<OpenTransaction>,
@@ -42,18 +38,14 @@ pub(super) struct Reader {
 
 impl Reader {
     pub(super) fn new(
-        config: &Config,
-        js: jetstream::Context,
-        inflight: Sender<InFlight>,
+        items: Sender<Item>,
         replay: ReplayCheck,
         sweep: Arc<Horizon>,
         metrics: Arc<Metrics>,
     ) -> Reader {
         Reader {
             decoder: Decoder::new(),
-            subject_prefix: config.subject_prefix.clone(),
-            js,
-            inflight: Some(inflight),
+            items: Some(items),
             replay,
             open: None,
             replayed: Vec::new(),
@@ -66,7 +58,7 @@ impl Reader {
 
     /// Stops feeding the pipeline, so the stages behind drain and finish.
     pub(super) fn close(&mut self) {
-        self.inflight = None;
+        self.items = None;
     }
 
     /// Everything up to `lsn` is confirmed to the server: so is every
@@ -106,8 +98,9 @@ impl Reader {
             .map_or(0.0, |(_, committed)| seconds_since(*committed))
     }
 
-    fn sender(&self) -> Result<&Sender<InFlight>, Error> {
-        self.inflight.as_ref().ok_or(Error::PipelineClosed)
+    async fn send(&self, item: Item) -> Result<(), Error> {
+        let items = self.items.as_ref().ok_or(Error::PipelineClosed)?;
+        items.send(item).await.map_err(|_| Error::PipelineClosed)
     }
 
     pub(super) async fn on_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
@@ -169,25 +162,10 @@ impl Reader {
         }
     }
 
-    /// Sends `row` and hands it down with its ack future. A send that fails
-    /// goes down too: the acker records it and retries in order.
+    /// Hands `row` to the publisher.
     async fn publish(&mut self, row: OutboxRow) -> Result<(), Error> {
-        let message = Message::from_row(&self.subject_prefix, &row);
-        let publish = PublishMessage::build()
-            .payload(message.body)
-            .headers(message.headers);
-        let sent = self.js.send_publish(message.subject, publish).await;
-        self.metrics.in_flight.inc();
-        let event = InFlight::Event {
-            committed_at: self.open.map_or(0, |tx| tx.committed_at),
-            published: self.metrics.published(&row.aggregate_type),
-            row,
-            sent,
-        };
-        self.sender()?
-            .send(event)
-            .await
-            .map_err(|_| Error::PipelineClosed)
+        let committed_at = self.open.map_or(0, |tx| tx.committed_at);
+        self.send(Item::Event { row, committed_at }).await
     }
 
     /// Publishes the buffered rows of a replayed transaction, except those an
@@ -221,10 +199,7 @@ impl Reader {
             return Ok(());
         }
         self.last_confirm = lsn;
-        self.sender()?
-            .send(InFlight::Confirm(lsn))
-            .await
-            .map_err(|_| Error::PipelineClosed)
+        self.send(Item::Confirm(lsn)).await
     }
 }
 

@@ -7,6 +7,10 @@
 //! - `Transient`: NATS as a whole is unavailable (disconnected, timed out,
 //!   JetStream or the stream missing): retried without limit, never fails an
 //!   event.
+//! - `Chain`: the stream's last message was not the one this publish was
+//!   chained to (`Nats-Expected-Last-Msg-Id`): an earlier publish is missing,
+//!   or another publisher wrote in between. Nothing is wrong with the event:
+//!   it is sent again, never counted as a failure.
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 
@@ -15,6 +19,7 @@ pub enum Failure {
     Permanent,
     EventSpecific,
     Transient,
+    Chain,
 }
 
 pub fn classify(error: &PublishError) -> Failure {
@@ -24,9 +29,8 @@ pub fn classify(error: &PublishError) -> Failure {
 fn classify_kind(kind: PublishErrorKind) -> Failure {
     match kind {
         PublishErrorKind::MaxPayloadExceeded => Failure::Permanent,
-        PublishErrorKind::Other
-        | PublishErrorKind::WrongLastMessageId
-        | PublishErrorKind::WrongLastSequence => Failure::EventSpecific,
+        PublishErrorKind::WrongLastMessageId => Failure::Chain,
+        PublishErrorKind::Other | PublishErrorKind::WrongLastSequence => Failure::EventSpecific,
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
         | PublishErrorKind::StreamNotFound
@@ -55,6 +59,10 @@ mod tests {
         assert_eq!(
             classify_kind(PublishErrorKind::Other),
             Failure::EventSpecific
+        );
+        assert_eq!(
+            classify_kind(PublishErrorKind::WrongLastMessageId),
+            Failure::Chain
         );
     }
 }

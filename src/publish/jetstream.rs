@@ -6,6 +6,7 @@ use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Publishes in flight at once (acks not yet received): deep enough to keep
 /// the connection busy, small enough that a stalled server holds little.
@@ -49,9 +50,15 @@ impl NatsTarget {
 }
 
 /// Connects in the background: an unreachable server is not fatal, the
-/// client keeps trying, and publishing waits for it.
-pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<async_nats::Client, Error> {
+/// client keeps trying, and publishing waits for it. The receiver counts
+/// the connections made: each (re)connect bumps it.
+pub async fn connect(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(async_nats::Client, watch::Receiver<u64>), Error> {
     let target = NatsTarget::parse(&config.nats_url);
+    let (connects_tx, connects) = watch::channel(0u64);
+    let connects_tx = Arc::new(connects_tx);
     let mut options = async_nats::ConnectOptions::new()
         .name("outbox-tailer")
         .retry_on_initial_connect()
@@ -59,10 +66,12 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<async_nat
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let metrics = metrics.clone();
+            let connects = connects_tx.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         metrics.nats_connected.set(1);
+                        connects.send_modify(|n| *n += 1);
                         tracing::info!("NATS connected");
                     }
                     async_nats::Event::Disconnected => {
@@ -80,16 +89,23 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<async_nat
     if let Some(token) = target.token {
         options = options.token(token);
     }
-    options
+    let client = options
         .connect(target.servers)
         .await
-        .map_err(|e| Error::Nats(format!("cannot connect: {e}")))
+        .map_err(|e| Error::Nats(format!("cannot connect: {e}")))?;
+    Ok((client, connects))
 }
 
+/// How long a publish waits for its ack.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Acks awaited at once: a window re-sent after a failure (see the
+/// publisher) need not wait for the acks of the copies it replaced.
 pub fn context(client: async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .max_ack_inflight(PUBLISH_WINDOW)
+        .timeout(ACK_TIMEOUT)
+        .ack_timeout(ACK_TIMEOUT)
+        .max_ack_inflight(2 * PUBLISH_WINDOW)
         .backpressure_on_inflight(true)
         .build(client)
 }

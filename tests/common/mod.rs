@@ -3,6 +3,8 @@
 //! the stream back, and bounded waits.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use async_nats::jetstream;
 use outbox_tailer::testkit::{alembic, NatsServer, PgServer};
 use std::fs::File;
@@ -267,4 +269,30 @@ pub async fn assert_every_row_published_once(
         committed as u64,
         "every event once"
     );
+}
+
+/// Where the stream breaks the commit order of an aggregate: events whose
+/// payload number `n` is not above the one stored before them for the same
+/// `Outbox-Aggregate-Id` (payloads without `n` are skipped).
+pub fn order_breaks(messages: &[jetstream::message::StreamMessage]) -> Vec<String> {
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    let mut breaks = Vec::new();
+    for m in messages {
+        let Some(aggregate) = m.headers.get("Outbox-Aggregate-Id") else {
+            continue;
+        };
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let Some(n) = body["n"].as_i64() else {
+            continue;
+        };
+        if let Some(previous) = last.insert(aggregate.as_str().to_owned(), n) {
+            if previous >= n {
+                breaks.push(format!(
+                    "aggregate {}: {n} after {previous}",
+                    aggregate.as_str()
+                ));
+            }
+        }
+    }
+    breaks
 }

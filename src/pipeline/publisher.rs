@@ -1,0 +1,385 @@
+//! The publisher stage: publishes the reader's events in stream order,
+//! awaits their acks in the same order, retries what fails, and hands the
+//! acked ids to the marker in batches.
+//!
+//! Order across a broken connection. A publish lost with a connection must
+//! not be overtaken by those the client sends after reconnecting, so every
+//! publish is chained to the one sent before it (`Nats-Expected-Last-Msg-Id`):
+//! the server stores it only right after that one and refuses it otherwise.
+//! When the oldest publish in flight fails, it and everything sent after it
+//! are sent again (go-back-N): the first unchained, since everything before
+//! it is acked, the rest chained anew. JetStream checks duplicates before the
+//! chain, so a re-sent event that was stored after all is acked as a
+//! duplicate. The failure is recorded on the first event's row and retried
+//! with backoff; a dead letter leaves the window and the rest go on without
+//! it. After NATS reconnects, everything in flight is sent again at once
+//! rather than after its ack times out. Memory stays bounded: the window
+//! holds at most [`PUBLISH_WINDOW`] events.
+//!
+//! Marking: a batch goes to the marker when it is full, or when its oldest
+//! id has lingered [`LINGER`]. Marking late costs nothing the consumer sees
+//! (the event is already in the stream); marking in few, large statements
+//! saves the database a statement and a commit per handful of events.
+
+use super::{Batch, Item};
+use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::outbox::failures;
+use crate::publish::failure::{classify, Failure};
+use crate::publish::jetstream::PUBLISH_WINDOW;
+use crate::publish::message::Message;
+use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
+use crate::replication::pgoutput::OutboxRow;
+use crate::replication::progress::seconds_since;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self, message::PublishMessage};
+use pgwire_replication::Lsn;
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Most ids in one UPDATE: large enough to amortise the round trip and the
+/// statement, small enough to keep each transaction short.
+const MAX_BATCH: usize = 2000;
+/// How long an acked id may wait for others to share its UPDATE.
+const LINGER: Duration = Duration::from_millis(20);
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// Sends events, each chained to the one sent before it.
+pub(super) struct Chain {
+    js: jetstream::Context,
+    subject_prefix: String,
+    /// The last event sent: the next is stored only right after it.
+    last: Option<Uuid>,
+}
+
+impl Chain {
+    pub(super) fn new(js: jetstream::Context, subject_prefix: String) -> Chain {
+        Chain {
+            js,
+            subject_prefix,
+            last: None,
+        }
+    }
+
+    /// Sends `row`; a send that fails yields its error as the ack.
+    async fn send(&mut self, row: &OutboxRow) -> AckFuture {
+        let message = Message::from_row(&self.subject_prefix, row);
+        let mut publish = PublishMessage::build()
+            .payload(message.body)
+            .headers(message.headers);
+        if let Some(last) = self.last {
+            let mut text = Uuid::encode_buffer();
+            publish = publish.expected_last_message_id(last.hyphenated().encode_lower(&mut text));
+        }
+        match self.js.send_publish(message.subject, publish).await {
+            Ok(ack) => {
+                self.last = Some(row.id);
+                ack.into_future()
+            }
+            Err(error) => {
+                // Not sent. Unless no retry can ever send it, the next event
+                // waits for it: chained to it, the server refuses the next
+                // until this one is stored.
+                if classify(&error) != Failure::Permanent {
+                    self.last = Some(row.id);
+                }
+                Box::pin(std::future::ready(Err(error)))
+            }
+        }
+    }
+
+    /// Nothing is in flight: the next event sent starts a new chain.
+    fn restart(&mut self) {
+        self.last = None;
+    }
+}
+
+/// A slot of the window, in stream order.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    Event(Sent),
+    Confirm(Lsn),
+}
+
+struct Sent {
+    row: OutboxRow,
+    /// Its transaction's commit time (µs since 2000-01-01), for latency.
+    committed_at: i64,
+    /// Failed attempts so far, for its backoff.
+    attempts: u32,
+    ack: AckFuture,
+}
+
+pub(super) struct Publisher {
+    chain: Chain,
+    db: Arc<Client>,
+    max_retries: u32,
+    metrics: Arc<Metrics>,
+    turn: Arc<PublishTurn>,
+    /// NATS (re)connects: publishes in flight over a connection that broke
+    /// may be lost, and would otherwise wait out their ack timeout.
+    connects: watch::Receiver<u64>,
+    /// Sent events awaiting their acks, and the positions behind them.
+    window: VecDeque<Slot>,
+    /// Events in the window.
+    in_flight: usize,
+    batch: Batch,
+    /// When the oldest item of the current batch arrived.
+    since: Instant,
+    /// Whether the last publish failed: state changes are logged once, the
+    /// attempts of each event only at debug level.
+    failing: bool,
+}
+
+impl Publisher {
+    pub(super) fn new(
+        chain: Chain,
+        db: Arc<Client>,
+        max_retries: u32,
+        metrics: Arc<Metrics>,
+        turn: Arc<PublishTurn>,
+        mut connects: watch::Receiver<u64>,
+    ) -> Publisher {
+        connects.mark_unchanged();
+        Publisher {
+            chain,
+            db,
+            max_retries,
+            metrics,
+            turn,
+            connects,
+            window: VecDeque::new(),
+            in_flight: 0,
+            batch: Batch::default(),
+            since: Instant::now(),
+            failing: false,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut items: Receiver<Item>,
+        batches: Sender<Batch>,
+    ) -> Result<(), Error> {
+        let mut turn = self.turn.publisher().await;
+        let mut turn_since = Instant::now();
+        let mut open = true;
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        loop {
+            self.take_confirms();
+            // The sweeper waits for its turn: hand over once nothing is in
+            // flight, after a share of the time while events keep coming.
+            let handing_over =
+                self.turn.wanted() && (items.is_empty() || turn_since.elapsed() >= PUBLISHER_SHARE);
+            if self.window.is_empty() {
+                if !open {
+                    break;
+                }
+                if handing_over {
+                    self.flush(&batches).await?;
+                    drop(turn);
+                    turn = self.turn.publisher().await;
+                    turn_since = Instant::now();
+                    self.chain.restart();
+                    continue;
+                }
+            }
+            let room = open && !handing_over && self.window.len() < PUBLISH_WINDOW;
+            let lingering = !self.batch.is_empty();
+            if lingering && linger.deadline() != self.since + LINGER {
+                linger.as_mut().reset(self.since + LINGER);
+            }
+            tokio::select! {
+                biased;
+                result = front_ack(&mut self.window) => self.settle_front(result, &batches).await?,
+                item = items.recv(), if room => match item {
+                    Some(Item::Event { row, committed_at }) => {
+                        let ack = self.chain.send(&row).await;
+                        self.in_flight += 1;
+                        self.metrics.in_flight.inc();
+                        self.window.push_back(Slot::Event(Sent { row, committed_at, attempts: 0, ack }));
+                    }
+                    Some(Item::Confirm(lsn)) => self.window.push_back(Slot::Confirm(lsn)),
+                    None => open = false,
+                },
+                Ok(()) = self.connects.changed() => {
+                    self.connects.borrow_and_update();
+                    if self.in_flight > 0 {
+                        tracing::debug!(in_flight = self.in_flight, "NATS reconnected: sending what was in flight again");
+                        self.resend(0).await;
+                    }
+                }
+                () = self.turn.asked(), if !handing_over => {}
+                () = &mut linger, if lingering => self.flush(&batches).await?,
+            }
+        }
+        self.flush(&batches).await
+    }
+
+    /// Positions at the front of the window: everything before them is acked.
+    fn take_confirms(&mut self) {
+        while let Some(Slot::Confirm(lsn)) = self.window.front() {
+            let lsn = *lsn;
+            self.window.pop_front();
+            self.started_batch();
+            self.batch.confirm = Some(lsn);
+        }
+    }
+
+    fn started_batch(&mut self) {
+        if self.batch.is_empty() {
+            self.since = Instant::now();
+        }
+    }
+
+    /// The oldest event in flight has its answer.
+    async fn settle_front(
+        &mut self,
+        result: Result<PublishAck, PublishError>,
+        batches: &Sender<Batch>,
+    ) -> Result<(), Error> {
+        let ack = match result {
+            Ok(ack) => ack,
+            Err(error) => return self.retry_front(error, batches).await,
+        };
+        let Some(Slot::Event(sent)) = self.window.pop_front() else {
+            return Ok(());
+        };
+        self.in_flight -= 1;
+        self.metrics.in_flight.dec();
+        if self.failing {
+            self.failing = false;
+            tracing::info!(id = %sent.row.id, attempts = sent.attempts + 1, "publishing recovered");
+        }
+        if ack.duplicate {
+            self.metrics.duplicates.inc();
+            tracing::debug!(id = %sent.row.id, "JetStream dropped a duplicate");
+        } else {
+            self.metrics.published(&sent.row.aggregate_type).inc();
+            self.metrics
+                .publish_latency
+                .observe(seconds_since(sent.committed_at));
+        }
+        self.metrics.last_publish_timestamp.set(unix_now());
+        self.started_batch();
+        self.batch.ids.push(sent.row.id);
+        if self.batch.ids.len() >= MAX_BATCH {
+            self.flush(batches).await?;
+        }
+        Ok(())
+    }
+
+    /// The oldest event in flight failed: record it on the row, wait its
+    /// backoff, and send it and everything behind it again, in order.
+    async fn retry_front(
+        &mut self,
+        error: PublishError,
+        batches: &Sender<Batch>,
+    ) -> Result<(), Error> {
+        // What is acked gets marked while this one waits.
+        self.flush(batches).await?;
+        let failure = classify(&error);
+        let Some(Slot::Event(head)) = self.window.front_mut() else {
+            return Ok(());
+        };
+        if failure == Failure::Chain {
+            // Another publisher wrote to the stream after the event before
+            // this one (or the server forgot its last id in a restart).
+            tracing::debug!(id = %head.row.id, %error, "chain broken; sending the window again");
+            self.resend(0).await;
+            return Ok(());
+        }
+        // The first retry goes at once: after an outage, the events that
+        // failed behind this one are sent with it, and only repeated
+        // failures of one event back off.
+        let delay = match head.attempts {
+            0 => Duration::ZERO,
+            n => Backoff::PUBLISH.delay(n - 1),
+        };
+        let text = error.to_string();
+        let limit = if failure == Failure::Permanent {
+            0
+        } else {
+            self.max_retries
+        };
+        let counts = failure != Failure::Transient;
+        let id = head.row.id;
+        let dead = failures::record(&*self.db, id, &text, delay, counts, limit).await?;
+        if dead == Some(true) {
+            self.window.pop_front();
+            self.in_flight -= 1;
+            self.metrics.in_flight.dec();
+            self.metrics.events_failed.inc();
+            tracing::warn!(%id, error = %text, "event failed (dead letter); `outbox-tailer requeue` retries it");
+            // A payload no retry can send was never sent, and the events
+            // behind it were chained past it: they stand.
+            if failure != Failure::Permanent {
+                self.resend(0).await;
+            }
+            return Ok(());
+        }
+        head.attempts += 1;
+        self.metrics.publish_retries.inc();
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!(%id, error = %text, "publishing failed; retrying in order (recorded on the row)");
+        } else {
+            tracing::debug!(%id, error = %text, attempt = head.attempts, retry_in = ?delay, "publish failed again");
+        }
+        tokio::time::sleep(delay).await;
+        self.resend(1).await;
+        Ok(())
+    }
+
+    /// Sends every event in the window again, the first one unchained
+    /// (everything before it is acked). `retried` of them (at the front)
+    /// failed themselves; the others are counted as re-sent.
+    async fn resend(&mut self, retried: u64) {
+        self.chain.restart();
+        for slot in self.window.iter_mut() {
+            if let Slot::Event(sent) = slot {
+                sent.ack = self.chain.send(&sent.row).await;
+            }
+        }
+        self.metrics
+            .resent
+            .inc_by((self.in_flight as u64).saturating_sub(retried));
+    }
+
+    async fn flush(&mut self, batches: &Sender<Batch>) -> Result<(), Error> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        batches
+            .send(std::mem::take(&mut self.batch))
+            .await
+            .map_err(|_| Error::PipelineClosed)
+    }
+}
+
+/// The ack of the oldest event in the window; never completes while the
+/// window holds none.
+async fn front_ack(window: &mut VecDeque<Slot>) -> Result<PublishAck, PublishError> {
+    match window.front_mut() {
+        Some(Slot::Event(sent)) => (&mut sent.ack).await,
+        _ => std::future::pending().await,
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
