@@ -78,14 +78,14 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         turn: turn.clone(),
         connects,
     };
-    let sweeper = Sweeper {
-        js: js.clone(),
-        turn: turn.clone(),
-        horizon: sweep.clone(),
-        subject_prefix: config.subject_prefix.clone(),
-        min_age: config.sweep_min_age,
-        max_retries: config.max_retries,
-    };
+    let sweeper = Sweeper::new(
+        js.clone(),
+        turn.clone(),
+        sweep.clone(),
+        config.subject_prefix.clone(),
+        config.sweep_min_age,
+        config.max_retries,
+    );
     tokio::spawn(run_sweeper(
         config.clone(),
         sweeper,
@@ -163,7 +163,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// error), until shutdown.
 async fn run_sweeper(
     config: Config,
-    sweeper: Sweeper,
+    mut sweeper: Sweeper,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {

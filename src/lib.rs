@@ -3,10 +3,11 @@
 //!
 //! # Layout
 //! - [`app`]: `run` (the session loop, reconnecting after failures) and `setup`.
-//! - [`pipeline`]: one replication session: reader → acker → marker tasks.
+//! - [`pipeline`]: one replication session: reader → publisher → marker tasks.
 //! - [`replication`]: start-up checks, publication and slot, the replication
 //!   stream, pgoutput decoding (pure), LSN progress.
-//! - [`publish`]: subjects and messages (pure), the JetStream connection and stream.
+//! - [`publish`]: subjects and messages (pure), failure classes, the JetStream
+//!   connection and stream, and whose turn it is to publish (stream or sweeper).
 //! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`].
 //! - [`metrics`]: every exported metric; [`http`]: /metrics, /healthz, /readyz;
 //!   [`stats`]: the outbox's state from the database (gauges and `status`).
@@ -29,7 +30,8 @@
 //! # Guarantee
 //! An event rolled back never appears; a committed event appears at least
 //! once and, within the stream's duplicate window (`Nats-Msg-Id` = event id),
-//! exactly once, in commit order per aggregate. See `CONTRACT.md`.
+//! exactly once, in commit order per aggregate (each publish chained to the
+//! previous with `Nats-Expected-Last-Msg-Id`). See `CONTRACT.md`.
 
 pub mod app;
 pub mod backoff;

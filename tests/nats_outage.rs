@@ -155,8 +155,7 @@ async fn a_connection_cut_mid_stream_keeps_every_aggregates_order() {
     assert!(breaks.is_empty(), "order broken: {breaks:?}");
     let output = tailer.output();
     assert!(
-        output.contains("NATS disconnected")
-            && output.contains("sending what was in flight again"),
+        output.contains("NATS disconnected") && output.contains("sending what was in flight again"),
         "the cuts were real faults, with publishes in flight: {output}"
     );
 }

@@ -93,6 +93,48 @@ async fn a_slot_dropped_while_stopped_loses_nothing() {
     assert_eq!(stream_count(&js, STREAM).await, 400);
 }
 
+/// The sweeper records failures on its rows as the stream does: an event no
+/// retry can send becomes a dead letter at once, and the rest of its batch is
+/// published (it used to fail the whole batch, sweep after sweep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swept_event_no_retry_can_send_is_a_dead_letter_and_holds_nothing_back() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    insert_events(&db, "before-a", 0, 10).await;
+    db.execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('chat', 'big', 'message.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024)))",
+        &[],
+    )
+    .await
+    .unwrap();
+    insert_events(&db, "before-b", 0, 10).await;
+    let tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
+    wait_streaming(&db, SLOT, &tailer).await;
+    let js = env.js().await;
+    wait_for(
+        "the sweep to settle every row",
+        Duration::from_secs(30),
+        || async { (status_counts(&db).await == (0, 20, 1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(stream_count(&js, STREAM).await, 20);
+    let row = db
+        .query_one(
+            "SELECT status, retry_count, last_error FROM event_outbox WHERE aggregate_id = 'big'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, &str>(0), row.get::<_, i32>(1)), ("failed", 1));
+    assert!(
+        row.get::<_, Option<&str>>(2)
+            .is_some_and(|e| e.contains("payload")),
+        "{:?}",
+        row.get::<_, Option<&str>>(2)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requeued_events_are_published_again() {
     let env = Env::start().await;

@@ -7,7 +7,9 @@
 //! publishes each batch (pipelined), records failures on their rows as the
 //! stream does, marks the rest and commits. It does not race the stream: it
 //! only takes rows created well before the time up to which the stream has
-//! confirmed everything ([`Horizon`]), and the stream checks a row created
+//! published every committed transaction (known exactly from samples of the
+//! server's time and WAL position, see [`Samples`], and the stream's
+//! confirmed position, [`Horizon`]), and the stream checks a row created
 //! before the sweeper's cutoff before publishing it (a long transaction can
 //! commit a row with an old `created_at`). Each batch is published in the
 //! sweeper's own turn ([`PublishTurn`]), so it never lands between two
@@ -20,11 +22,12 @@ use crate::publish::failure::{classify, Failure};
 use crate::publish::message::Message;
 use crate::publish::turn::PublishTurn;
 use crate::replication::pgoutput::OutboxRow;
-use crate::replication::progress::pg_now_micros;
 use async_nats::jetstream::{self, message::PublishMessage};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
 /// How many columns [`ROW_COLUMNS`] names.
@@ -37,6 +40,10 @@ pub const ROW_COLUMNS: &str =
 const SWEEP_WHERE: &str =
     "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1 \
      ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED";
+/// The server's time, then its WAL insert position (read in that order:
+/// every commit before the time was inserted before the position).
+const SAMPLE_SQL: &str =
+    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_current_wal_insert_lsn()";
 const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
      WHERE id = ANY($1) AND status = 'pending'";
 
@@ -44,18 +51,21 @@ const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// What the stream and the sweeper tell each other so that they do not both
-/// publish a row. Times are microseconds since 2000-01-01; 0 means unknown.
+/// publish a row.
 #[derive(Debug, Default)]
 pub struct Horizon {
-    /// The stream has confirmed every transaction that committed before this.
-    confirmed_at: AtomicI64,
-    /// The sweeper may have taken rows created before this.
+    /// The stream has published and marked every transaction that ended at
+    /// or before this WAL position (0: nothing yet).
+    confirmed_lsn: AtomicU64,
+    /// The sweeper may have taken rows created before this (microseconds
+    /// since 2000-01-01; 0: none taken).
     swept_before: AtomicI64,
 }
 
 impl Horizon {
-    pub fn confirmed_up_to(&self, at: i64) {
-        self.confirmed_at.fetch_max(at, Ordering::Relaxed);
+    /// The stream confirmed `lsn` to the server.
+    pub fn confirmed(&self, lsn: u64) {
+        self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
     }
 
     /// True once the sweeper has taken rows: only then must the stream look
@@ -68,28 +78,58 @@ impl Horizon {
     pub fn maybe_swept(&self, created_at: i64) -> bool {
         created_at < self.swept_before.load(Ordering::Relaxed)
     }
+}
 
-    /// The newest `created_at` the sweeper may take now, or None while the
-    /// stream has confirmed nothing yet.
-    fn cutoff(&self, min_age: Duration) -> Option<i64> {
-        let confirmed = self.confirmed_at.load(Ordering::Relaxed);
-        if confirmed == 0 {
-            return None;
+/// Pairs of (server time, WAL insert position) the sweeper samples. Every
+/// transaction that committed before a sample's time has its commit record
+/// before the sample's position; once the stream has confirmed that
+/// position, every such transaction is published and marked. So the time of
+/// the newest confirmed sample is exact, whatever the lag, and needs neither
+/// commit timestamps nor the tailer's clock.
+#[derive(Debug, Default)]
+struct Samples {
+    /// Not yet confirmed, oldest first: (µs since 2000-01-01, LSN).
+    waiting: VecDeque<(i64, u64)>,
+    /// The newest time up to which the stream has published everything.
+    confirmed_at: Option<i64>,
+}
+
+impl Samples {
+    /// Samples kept while the stream is behind (at the sweep interval, a
+    /// few hours); past that the oldest go, which only delays sweeping.
+    const MAX: usize = 4096;
+
+    fn push(&mut self, at: i64, lsn: u64) {
+        if self.waiting.len() == Self::MAX {
+            self.waiting.pop_front();
         }
-        let age = i64::try_from(min_age.as_micros()).unwrap_or(i64::MAX);
-        Some(confirmed.min(pg_now_micros()).saturating_sub(age))
+        self.waiting.push_back((at, lsn));
+    }
+
+    /// The newest time up to which the stream, having confirmed `confirmed`,
+    /// has published every committed transaction.
+    fn confirmed_at(&mut self, confirmed: u64) -> Option<i64> {
+        while let Some(&(at, lsn)) = self.waiting.front() {
+            if lsn > confirmed {
+                break;
+            }
+            self.confirmed_at = Some(at);
+            self.waiting.pop_front();
+        }
+        self.confirmed_at
     }
 }
 
 /// What the sweeper works with.
 pub struct Sweeper {
-    pub js: jetstream::Context,
-    pub turn: Arc<PublishTurn>,
-    pub horizon: Arc<Horizon>,
-    pub subject_prefix: String,
+    js: jetstream::Context,
+    turn: Arc<PublishTurn>,
+    horizon: Arc<Horizon>,
+    subject_prefix: String,
     /// Rows younger than this (before the stream's horizon) are left alone.
-    pub min_age: Duration,
-    pub max_retries: u32,
+    min_age: Duration,
+    max_retries: u32,
+    samples: Samples,
 }
 
 /// What one sweep did.
@@ -103,13 +143,38 @@ pub struct Swept {
 }
 
 impl Sweeper {
+    pub fn new(
+        js: jetstream::Context,
+        turn: Arc<PublishTurn>,
+        horizon: Arc<Horizon>,
+        subject_prefix: String,
+        min_age: Duration,
+        max_retries: u32,
+    ) -> Sweeper {
+        Sweeper {
+            js,
+            turn,
+            horizon,
+            subject_prefix,
+            min_age,
+            max_retries,
+            samples: Samples::default(),
+        }
+    }
+
     /// Publishes and marks due rows below the cutoff, in batches, until none
     /// is left or NATS fails.
-    pub async fn sweep(&self, db: &mut Client) -> Result<Swept, SweepError> {
+    pub async fn sweep(&mut self, db: &mut Client) -> Result<Swept, SweepError> {
         let mut swept = Swept::default();
-        let Some(cutoff) = self.horizon.cutoff(self.min_age) else {
+        let sample = db.query_one(SAMPLE_SQL, &[]).await?;
+        let at = sample.get::<_, i64>(0) - PG_EPOCH_UNIX_MICROS;
+        self.samples.push(at, u64::from(sample.get::<_, PgLsn>(1)));
+        let confirmed = self.horizon.confirmed_lsn.load(Ordering::Relaxed);
+        let Some(confirmed_at) = self.samples.confirmed_at(confirmed) else {
             return Ok(swept);
         };
+        let age = i64::try_from(self.min_age.as_micros()).unwrap_or(i64::MAX);
+        let cutoff = confirmed_at.saturating_sub(age);
         let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
             i128::from(cutoff + PG_EPOCH_UNIX_MICROS) * 1000,
         )
@@ -149,6 +214,9 @@ impl Sweeper {
             }
             let mut ids = Vec::with_capacity(sent.len());
             let mut outage = false;
+            // One jitter for the batch: rows that fail together are retried
+            // in the order they were taken.
+            let jitter = fastrand::f64();
             for (id, retries, ack) in sent {
                 let error = match ack {
                     Ok(ack) => match ack.await {
@@ -168,7 +236,7 @@ impl Sweeper {
                     self.max_retries
                 };
                 let counts = matches!(failure, Failure::Permanent | Failure::EventSpecific);
-                let delay = Backoff::PUBLISH.delay(retries);
+                let delay = Backoff::PUBLISH.delay_with(retries, jitter);
                 match failures::record(&tx, id, &error.to_string(), delay, counts, limit).await? {
                     Some(true) => swept.dead += 1,
                     _ => swept.retried += 1,
@@ -263,28 +331,30 @@ mod tests {
     }
 
     #[test]
-    fn the_cutoff_waits_for_the_stream_and_stays_behind_it() {
-        let horizon = Horizon::default();
+    fn the_horizon_is_the_newest_sample_the_stream_confirmed() {
+        let mut samples = Samples::default();
+        assert_eq!(samples.confirmed_at(u64::MAX), None, "no sample yet");
+        samples.push(1_000, 100);
+        samples.push(2_000, 200);
+        samples.push(3_000, 300);
+        assert_eq!(samples.confirmed_at(0), None, "nothing confirmed yet");
+        assert_eq!(samples.confirmed_at(99), None);
+        assert_eq!(samples.confirmed_at(250), Some(2_000));
         assert_eq!(
-            horizon.cutoff(Duration::from_secs(60)),
-            None,
-            "nothing confirmed yet"
+            samples.confirmed_at(250),
+            Some(2_000),
+            "kept until a newer sample is confirmed"
         );
-        let confirmed = pg_now_micros() - 10_000_000;
-        horizon.confirmed_up_to(confirmed);
+        assert_eq!(samples.waiting.len(), 1);
+        assert_eq!(samples.confirmed_at(300), Some(3_000));
+        for i in 0..Samples::MAX as u64 + 10 {
+            samples.push(4_000 + i as i64, 400 + i);
+        }
+        assert_eq!(samples.waiting.len(), Samples::MAX, "bounded");
         assert_eq!(
-            horizon.cutoff(Duration::from_secs(60)),
-            Some(confirmed - 60_000_000)
+            samples.confirmed_at(u64::MAX),
+            Some(4_000 + Samples::MAX as i64 + 9)
         );
-        assert!(
-            !horizon.maybe_swept(confirmed - 120_000_000),
-            "nothing swept yet"
-        );
-        horizon
-            .swept_before
-            .store(confirmed - 60_000_000, Ordering::Relaxed);
-        assert!(horizon.maybe_swept(confirmed - 120_000_000));
-        assert!(!horizon.maybe_swept(confirmed));
     }
 
     #[test]

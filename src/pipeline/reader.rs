@@ -61,18 +61,12 @@ impl Reader {
         self.items = None;
     }
 
-    /// Everything up to `lsn` is confirmed to the server: so is every
-    /// transaction that committed before the newest time confirmed with it.
+    /// Everything up to `lsn` is confirmed to the server.
     pub(super) fn acknowledged(&mut self, lsn: Lsn) {
-        while let Some((_, at)) = self
-            .unconfirmed
-            .front()
-            .copied()
-            .filter(|(end, _)| *end <= lsn)
-        {
+        while self.unconfirmed.front().is_some_and(|(end, _)| *end <= lsn) {
             self.unconfirmed.pop_front();
-            self.sweep.confirmed_up_to(at);
         }
+        self.sweep.confirmed(lsn.0);
     }
 
     /// Whether `row` must be looked up before publishing: its transaction is
