@@ -167,14 +167,7 @@ async fn an_oversized_event_is_a_dead_letter_that_blocks_nothing_and_can_be_requ
     let db = env.db().await;
     let tailer = env.tailer(&["run", "--max-retries", "2", "--sweep-min-age", "0"]);
     wait_streaming(&db, SLOT, &tailer).await;
-    // A 2 MB payload: over nats-server's default max_payload of 1 MB.
-    db.execute(
-        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ('chat', 'big', 'message.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024)))",
-        &[],
-    )
-    .await
-    .unwrap();
+    insert_oversized(&db, "big").await;
     insert_events(&db, "after-big", 0, 20).await;
     let js = env.js().await;
     wait_for("the events after it", Duration::from_secs(20), || async {

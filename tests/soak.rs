@@ -202,7 +202,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
         "[soak seed {seed}] order broken ({nats_stops} NATS stops): {out_of_order:?}"
     );
     eprintln!(
-        "[soak seed {seed}] {rounds} rounds in {:.0?}: {} events published once each, {oversized} dead letters, {} order breaks",
+        "[soak seed {seed}] {rounds} rounds ({nats_stops} NATS stops) in {:.0?}: {} events published once each, {oversized} dead letters, {} order breaks",
         started.elapsed(),
         seen.len(),
         out_of_order.len()

@@ -101,13 +101,7 @@ async fn a_swept_event_no_retry_can_send_is_a_dead_letter_and_holds_nothing_back
     let env = Env::start().await;
     let db = env.db().await;
     insert_events(&db, "before-a", 0, 10).await;
-    db.execute(
-        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ('chat', 'big', 'message.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024)))",
-        &[],
-    )
-    .await
-    .unwrap();
+    insert_oversized(&db, "big").await;
     insert_events(&db, "before-b", 0, 10).await;
     let tailer = env.tailer(&["run", "--sweep-min-age", "0"]);
     wait_streaming(&db, SLOT, &tailer).await;

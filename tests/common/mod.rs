@@ -249,6 +249,18 @@ pub async fn insert_events(db: &Client, aggregate: &str, first: i64, n: i64) {
     .unwrap();
 }
 
+/// Inserts one event of aggregate `aggregate` with a 2 MB payload: over
+/// nats-server's default `max_payload` of 1 MB.
+pub async fn insert_oversized(db: &Client, aggregate: &str) {
+    db.execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('chat', $1, 'message.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024)))",
+        &[&aggregate],
+    )
+    .await
+    .unwrap();
+}
+
 /// The table is the truth (an insert whose reply was lost may still have
 /// committed): waits until every row is published and asserts the stream
 /// holds exactly that many messages, so none is missing or twice.
