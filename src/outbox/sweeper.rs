@@ -230,14 +230,9 @@ impl Sweeper {
                 };
                 let failure = classify(&error);
                 outage |= failure == Failure::Transient;
-                let limit = if failure == Failure::Permanent {
-                    0
-                } else {
-                    self.max_retries
-                };
-                let counts = matches!(failure, Failure::Permanent | Failure::EventSpecific);
                 let delay = Backoff::PUBLISH.delay_with(retries, jitter);
-                match failures::record(&tx, id, &error.to_string(), delay, counts, limit).await? {
+                let text = error.to_string();
+                match failures::record(&tx, id, &text, delay, failure, self.max_retries).await? {
                     Some(true) => swept.dead += 1,
                     _ => swept.retried += 1,
                 }

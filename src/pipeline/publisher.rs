@@ -309,14 +309,8 @@ impl Publisher {
             n => Backoff::PUBLISH.delay(n - 1),
         };
         let text = error.to_string();
-        let limit = if failure == Failure::Permanent {
-            0
-        } else {
-            self.max_retries
-        };
-        let counts = failure != Failure::Transient;
         let id = head.row.id;
-        let dead = failures::record(&*self.db, id, &text, delay, counts, limit).await?;
+        let dead = failures::record(&*self.db, id, &text, delay, failure, self.max_retries).await?;
         if dead == Some(true) {
             self.window.pop_front();
             self.in_flight -= 1;
