@@ -197,7 +197,7 @@ async fn metrics_addr_in_use_is_one_clear_line() {
 }
 
 #[tokio::test]
-async fn the_statistics_queries_use_the_status_index_on_a_large_table() {
+async fn the_statistics_queries_and_the_sweep_probe_use_the_status_index_on_a_large_table() {
     let env = Env::start().await;
     let db = env.db().await;
     // 300,000 rows, nearly all published: the shape of a long-lived outbox.
@@ -213,9 +213,12 @@ async fn the_statistics_queries_use_the_status_index_on_a_large_table() {
     db.batch_execute("VACUUM ANALYZE event_outbox")
         .await
         .unwrap();
+    // The sweeper's probe (every 5 s) too, with its cutoff as now().
+    let probe = outbox_tailer::outbox::sweeper::PROBE_SQL.replace("$1", "now()");
     for sql in [
         outbox_tailer::stats::PENDING_SQL,
         outbox_tailer::stats::FAILED_SQL,
+        &probe,
     ] {
         let plan: Vec<String> = db
             .query(&format!("EXPLAIN {sql}"), &[])

@@ -14,7 +14,7 @@
 //! commit a row with an old `created_at`). Each batch is published in the
 //! sweeper's own turn ([`PublishTurn`]), so it never lands between two
 //! chained publishes of the stream. When nothing is due the sweep is one
-//! index probe that finds nothing.
+//! index probe that finds nothing (and the stream is not interrupted).
 
 use crate::backoff::Backoff;
 use crate::outbox::failures;
@@ -37,9 +37,18 @@ const ROW_COLUMN_COUNT: usize = 8;
 pub const ROW_COLUMNS: &str =
     "id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
      payload::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'";
-const SWEEP_WHERE: &str =
-    "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1 \
-     ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED";
+/// The rows the sweeper may take: pending, due, created before the cutoff ($1).
+macro_rules! due_rows {
+    () => {
+        "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1"
+    };
+}
+/// Whether any row is due: one index probe, no lock, no turn taken.
+pub const PROBE_SQL: &str = concat!("SELECT EXISTS (SELECT 1 ", due_rows!(), ")");
+const SWEEP_WHERE: &str = concat!(
+    due_rows!(),
+    " ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+);
 /// The server's time, then its WAL insert position (read in that order:
 /// every commit before the time was inserted before the position).
 const SAMPLE_SQL: &str =
@@ -180,6 +189,14 @@ impl Sweeper {
         )
         .map_err(|e| SweepError::Internal(e.to_string()))?;
         loop {
+            // Nothing due (nearly always): the stream is not interrupted.
+            if !db
+                .query_one(PROBE_SQL, &[&cutoff_time])
+                .await?
+                .get::<_, bool>(0)
+            {
+                return Ok(swept);
+            }
             // Taken before any row is locked: the publisher hands over with
             // nothing in flight, and nothing it waits for waits for us.
             let _turn = self.turn.sweeper().await;
