@@ -221,7 +221,9 @@ impl Publisher {
                         self.resend(0).await;
                     }
                 }
-                () = self.turn.asked(), if !handing_over => {}
+                // Only an idle publisher needs waking: with events in flight
+                // the loop comes round on every ack and sees the request.
+                () = self.turn.asked(), if !handing_over && self.window.is_empty() => {}
                 () = &mut linger, if lingering => self.flush(&batches).await?,
             }
         }
