@@ -5,7 +5,7 @@ use crate::backoff::Backoff;
 use crate::config::{Config, RequeueArgs};
 use crate::error::{Action, Error};
 use crate::metrics::Metrics;
-use crate::outbox::sweeper::{Horizon, Sweeper, Swept};
+use crate::outbox::sweeper::{Boundary, Sweeper, Swept};
 use crate::publish::jetstream;
 use crate::publish::turn::PublishTurn;
 use crate::replication::setup::{self, SetupError};
@@ -71,7 +71,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
     ));
     let (client, connects) = jetstream::connect(config, metrics.clone()).await?;
     let js = jetstream::context(client);
-    let sweep = Arc::new(Horizon::default());
+    let sweep = Arc::new(Boundary::default());
     let turn = Arc::new(PublishTurn::default());
     let nats = pipeline::Nats {
         js: js.clone(),

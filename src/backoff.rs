@@ -2,34 +2,35 @@
 
 use std::time::Duration;
 
-/// A backoff policy: `base * 2^attempt`, capped, with "full jitter" (a
-/// uniform pick in `[delay/2, delay]`) so many waiters do not retry in step.
+/// A backoff policy: `base * 2^attempt`, capped, with "equal jitter" (half
+/// the delay fixed, the other half a uniform pick: `[delay/2, delay]`), so
+/// many waiters do not retry in step and none retries much sooner than asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     pub base: Duration,
     pub cap: Duration,
 }
 
 impl Backoff {
     /// Retrying a failed publish: the first retry within 1 s, at most 30 s.
-    pub const PUBLISH: Backoff = Backoff {
+    pub(crate) const PUBLISH: Backoff = Backoff {
         base: Duration::from_secs(1),
         cap: Duration::from_secs(30),
     };
 
     /// Reconnecting a session: 250 ms, doubling, at most 30 s.
-    pub const RECONNECT: Backoff = Backoff {
+    pub(crate) const RECONNECT: Backoff = Backoff {
         base: Duration::from_millis(250),
         cap: Duration::from_secs(30),
     };
 
     /// The delay before retry number `attempt` (0 for the first retry).
-    pub fn delay(&self, attempt: u32) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         self.delay_with(attempt, fastrand::f64())
     }
 
     /// As [`Backoff::delay`], with the jitter given (`0.0..1.0`) for tests.
-    pub fn delay_with(&self, attempt: u32, jitter: f64) -> Duration {
+    pub(crate) fn delay_with(&self, attempt: u32, jitter: f64) -> Duration {
         let full = self
             .base
             .saturating_mul(2u32.saturating_pow(attempt.min(31)))
@@ -43,7 +44,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+    fn doubles_up_to_the_cap_with_equal_jitter() {
         let b = Backoff {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(30),

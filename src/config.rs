@@ -1,4 +1,4 @@
-//! The command line and environment (CONTRACT.md section 2) and their
+//! The command line and environment (docs/contract.md section 2) and their
 //! validation into one [`Config`]. Every flag has an environment variable and
 //! flags win; flags may stand before or after the subcommand.
 

@@ -11,7 +11,7 @@ use axum::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub(crate) fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -20,7 +20,7 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 /// Binds `addr` (failing at once if it cannot) and serves in the background.
-pub async fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+pub(crate) async fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {

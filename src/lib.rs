@@ -13,12 +13,14 @@
 //!   [`stats`]: the outbox's state from the database (gauges and `status`).
 //! - [`config`]: the command line and environment (the contract's flags) and
 //!   their validation into one [`config::Config`].
-//! - [`outbox`]: the `event_outbox` table: the producer API that writes an event
-//!   inside the caller's transaction, and the batched status writes.
-//! - [`chat`]: the reference chat endpoint: posts a message and its
-//!   `message.created` event in one transaction (the demo's and benchmarks' load).
-//! - [`testkit`]: throwaway PostgreSQL and nats-server processes for tests, the
-//!   demo and the benchmarks.
+//! - [`outbox`]: the `event_outbox` table: batched status writes, failed
+//!   attempts, the replay check and the catch-up sweeper.
+//! - [`event`]: the one domain type, an outbox row; [`pgtime`]: PostgreSQL's
+//!   time unit.
+//!
+//! Outside this crate, in the workspace: `outbox-producer` (write an event
+//! inside your own transaction), `outbox-testkit` (throwaway servers for
+//! tests), `outbox-chat` (the reference chat endpoint, the demo, the benchmark).
 //!
 //! # Data flow
 //! ```text
@@ -31,19 +33,35 @@
 //! An event rolled back never appears; a committed event appears at least
 //! once and, within the stream's duplicate window (`Nats-Msg-Id` = event id),
 //! exactly once, in commit order per aggregate (each publish chained to the
-//! previous with `Nats-Expected-Last-Msg-Id`). See `CONTRACT.md`.
+//! previous with `Nats-Expected-Last-Msg-Id`). See `docs/contract.md`.
 
+#![forbid(unsafe_code)]
+
+// The library's API is what the binary needs: flags and config, the
+// subcommands, and shutdown. Everything else is crate-private.
 pub mod app;
-pub mod backoff;
-pub mod chat;
 pub mod config;
-pub mod error;
-pub mod http;
-pub mod metrics;
-pub mod outbox;
-pub mod pipeline;
-pub mod publish;
-pub mod replication;
 pub mod shutdown;
-pub mod stats;
-pub mod testkit;
+
+mod backoff;
+mod error;
+mod event;
+mod http;
+mod metrics;
+mod outbox;
+mod pgtime;
+mod pipeline;
+mod publish;
+mod replication;
+mod stats;
+
+/// Internals the workspace's integration tests and the benchmark's polling
+/// relay use. Not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::outbox::marker::Marker;
+    pub use crate::outbox::sweeper::{row_from, PROBE_SQL, ROW_COLUMNS};
+    pub use crate::publish::message::{self, Message};
+    pub use crate::publish::subject::subject;
+    pub use crate::stats::{FAILED_SQL, PENDING_SQL};
+}

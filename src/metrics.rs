@@ -1,4 +1,4 @@
-//! Every metric the tailer exports, in one place (CONTRACT.md section 4 and
+//! Every metric the tailer exports, in one place (docs/contract.md section 4 and
 //! what an operator needs beyond it). Names follow Prometheus conventions;
 //! labels come from small, fixed sets: the only data-derived label,
 //! `aggregate_type`, is capped at [`MAX_AGGREGATE_TYPES`] values (then `_other`).
@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Distinct `aggregate_type` label values kept before the rest become `_other`.
-pub const MAX_AGGREGATE_TYPES: usize = 64;
+pub(crate) const MAX_AGGREGATE_TYPES: usize = 64;
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Events stored in JetStream (a de-duplicated repeat is not counted).
     published: IntCounterVec,
@@ -48,7 +48,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
         let published = IntCounterVec::new(
             Opts::new(
@@ -178,7 +178,7 @@ impl Metrics {
     }
 
     /// The published counter for an aggregate type (sanitised, capped).
-    pub fn published(&self, aggregate_type: &str) -> IntCounter {
+    pub(crate) fn published(&self, aggregate_type: &str) -> IntCounter {
         let mut by_type = self
             .published_by_type
             .lock()
@@ -199,7 +199,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buffer = Vec::new();
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::warn!(%error, "encoding metrics");

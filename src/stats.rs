@@ -28,7 +28,7 @@ const LAST_PUBLISHED_SQL: &str = "SELECT to_char(published_at AT TIME ZONE 'UTC'
      FROM event_outbox WHERE status = 'published' ORDER BY next_retry_at DESC, created_at DESC LIMIT 1";
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub slot: String,
     /// None when the slot does not exist.
     pub slot_active: Option<bool>,
@@ -42,7 +42,7 @@ pub struct Stats {
     pub last_published_at: Option<String>,
 }
 
-pub async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
+pub(crate) async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
     let slot_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
     let (pending, slot_row, failed) = tokio::try_join!(
         db.query_one(PENDING_SQL, &[]),
@@ -63,7 +63,7 @@ pub async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Err
 }
 
 /// [`query`] plus the last publish, for `status`.
-pub async fn query_full(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
+pub(crate) async fn query_full(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
     let mut stats = query(db, slot).await?;
     stats.last_published_at = db
         .query_opt(LAST_PUBLISHED_SQL, &[])
@@ -73,7 +73,7 @@ pub async fn query_full(db: &Client, slot: &str) -> Result<Stats, tokio_postgres
 }
 
 impl Stats {
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let slot = match self.slot_active {
             _ if self.wal_status.as_deref() == Some("lost") => {
                 "INVALIDATED (wal_status lost): drop it; the tailer recreates it".to_owned()
@@ -125,7 +125,7 @@ impl Stats {
 
 /// Polls [`query`] every `interval` into the gauges until shutdown, on its
 /// own connection (re-opened after an error).
-pub async fn poll(
+pub(crate) async fn poll(
     config: Config,
     metrics: Arc<Metrics>,
     interval: Duration,

@@ -1,10 +1,8 @@
-//! The `event_outbox` table, seen from Rust: the producer API, and the
-//! tailer's status writes.
+//! The `event_outbox` table, seen from the tailer: status writes (the marker),
+//! failed attempts, the replay check and the catch-up sweeper. (Writing events
+//! is the `outbox-producer` crate's.)
 
-pub mod failures;
-pub mod marker;
-pub mod producer;
-pub mod replay;
-pub mod sweeper;
-
-pub use producer::{insert_event, insert_event_with, NewEvent, INSERT_EVENT_SQL};
+pub(crate) mod attempts;
+pub(crate) mod marker;
+pub(crate) mod replay;
+pub(crate) mod sweeper;

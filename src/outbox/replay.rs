@@ -6,7 +6,7 @@
 //! job) are skipped once their transaction is provably visible, so a row
 //! merely not visible *yet* is never mistaken for a deleted one.
 
-use crate::replication::pgoutput::OutboxRow;
+use crate::event::OutboxRow;
 use pgwire_replication::Lsn;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ const VISIBILITY_WAIT: Duration = Duration::from_secs(10);
 
 /// What the check decided for a chunk of replayed rows.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     pub publish: Vec<OutboxRow>,
     /// Already published or dead-lettered by an earlier run.
     pub settled: usize,
@@ -32,7 +32,7 @@ pub struct Replayed {
     pub deleted: usize,
 }
 
-pub struct ReplayCheck {
+pub(crate) struct ReplayCheck {
     db: Arc<Client>,
     /// Transactions committed before this position may be replays.
     horizon: Lsn,
@@ -45,7 +45,7 @@ pub struct ReplayCheck {
 
 impl ReplayCheck {
     /// A check for transactions that committed before `horizon`.
-    pub async fn prepare(
+    pub(crate) async fn prepare(
         db: Arc<Client>,
         horizon: Lsn,
     ) -> Result<ReplayCheck, tokio_postgres::Error> {
@@ -63,13 +63,13 @@ impl ReplayCheck {
     }
 
     /// Whether a transaction whose commit record is at `commit_lsn` may be a replay.
-    pub fn covers(&self, commit_lsn: Lsn) -> bool {
+    pub(crate) fn covers(&self, commit_lsn: Lsn) -> bool {
         commit_lsn <= self.horizon
     }
 
     /// Splits the rows of transaction `xid` into those to publish and those
     /// to skip.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         xid: u32,
         rows: Vec<OutboxRow>,

@@ -9,7 +9,7 @@
 //! only takes rows created well before the time up to which the stream has
 //! published every committed transaction (known exactly from samples of the
 //! server's time and WAL position, see [`Samples`], and the stream's
-//! confirmed position, [`Horizon`]), and the stream checks a row created
+//! confirmed position, [`Boundary`]), and the stream checks a row created
 //! before the sweeper's cutoff before publishing it (a long transaction can
 //! commit a row with an old `created_at`). Each batch is published in the
 //! sweeper's own turn ([`PublishTurn`]), so it never lands between two
@@ -17,11 +17,12 @@
 //! index probe that finds nothing (and the stream is not interrupted).
 
 use crate::backoff::Backoff;
-use crate::outbox::failures;
+use crate::event::OutboxRow;
+use crate::outbox::attempts;
+use crate::pgtime::PG_EPOCH_UNIX_MICROS;
 use crate::publish::failure::{classify, Failure};
 use crate::publish::message::Message;
 use crate::publish::turn::PublishTurn;
-use crate::replication::pgoutput::OutboxRow;
 use async_nats::jetstream::{self, message::PublishMessage};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -56,13 +57,10 @@ const SAMPLE_SQL: &str =
 const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
      WHERE id = ANY($1) AND status = 'pending'";
 
-/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
-
 /// What the stream and the sweeper tell each other so that they do not both
 /// publish a row.
 #[derive(Debug, Default)]
-pub struct Horizon {
+pub(crate) struct Boundary {
     /// The stream has published and marked every transaction that ended at
     /// or before this WAL position (0: nothing yet).
     confirmed_lsn: AtomicU64,
@@ -71,20 +69,20 @@ pub struct Horizon {
     swept_before: AtomicI64,
 }
 
-impl Horizon {
+impl Boundary {
     /// The stream confirmed `lsn` to the server.
-    pub fn confirmed(&self, lsn: u64) {
+    pub(crate) fn confirmed(&self, lsn: u64) {
         self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
     }
 
     /// True once the sweeper has taken rows: only then must the stream look
     /// rows up (and parse their `created_at`) at all.
-    pub fn sweeping(&self) -> bool {
+    pub(crate) fn sweeping(&self) -> bool {
         self.swept_before.load(Ordering::Relaxed) != 0
     }
 
     /// True when a row created at `created_at` may have been swept already.
-    pub fn maybe_swept(&self, created_at: i64) -> bool {
+    pub(crate) fn maybe_swept(&self, created_at: i64) -> bool {
         created_at < self.swept_before.load(Ordering::Relaxed)
     }
 }
@@ -130,12 +128,12 @@ impl Samples {
 }
 
 /// What the sweeper works with.
-pub struct Sweeper {
+pub(crate) struct Sweeper {
     js: jetstream::Context,
     turn: Arc<PublishTurn>,
-    horizon: Arc<Horizon>,
+    boundary: Arc<Boundary>,
     subject_prefix: String,
-    /// Rows younger than this (before the stream's horizon) are left alone.
+    /// Rows younger than this (before the stream's boundary) are left alone.
     min_age: Duration,
     max_retries: u32,
     samples: Samples,
@@ -143,7 +141,7 @@ pub struct Sweeper {
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Swept {
+pub(crate) struct Swept {
     pub published: u64,
     /// Failed publishes recorded on rows that stay pending.
     pub retried: u64,
@@ -152,10 +150,10 @@ pub struct Swept {
 }
 
 impl Sweeper {
-    pub fn new(
+    pub(crate) fn new(
         js: jetstream::Context,
         turn: Arc<PublishTurn>,
-        horizon: Arc<Horizon>,
+        boundary: Arc<Boundary>,
         subject_prefix: String,
         min_age: Duration,
         max_retries: u32,
@@ -163,7 +161,7 @@ impl Sweeper {
         Sweeper {
             js,
             turn,
-            horizon,
+            boundary,
             subject_prefix,
             min_age,
             max_retries,
@@ -173,12 +171,12 @@ impl Sweeper {
 
     /// Publishes and marks due rows below the cutoff, in batches, until none
     /// is left or NATS fails.
-    pub async fn sweep(&mut self, db: &mut Client) -> Result<Swept, SweepError> {
+    pub(crate) async fn sweep(&mut self, db: &mut Client) -> Result<Swept, SweepError> {
         let mut swept = Swept::default();
         let sample = db.query_one(SAMPLE_SQL, &[]).await?;
         let at = sample.get::<_, i64>(0) - PG_EPOCH_UNIX_MICROS;
         self.samples.push(at, u64::from(sample.get::<_, PgLsn>(1)));
-        let confirmed = self.horizon.confirmed_lsn.load(Ordering::Relaxed);
+        let confirmed = self.boundary.confirmed_lsn.load(Ordering::Relaxed);
         let Some(confirmed_at) = self.samples.confirmed_at(confirmed) else {
             return Ok(swept);
         };
@@ -215,7 +213,7 @@ impl Sweeper {
             // looks such rows up before publishing them. Set before
             // publishing, and only when rows were found, so that a sweep with
             // nothing to do costs the stream nothing.
-            self.horizon
+            self.boundary
                 .swept_before
                 .fetch_max(cutoff, Ordering::Relaxed);
             let mut sent = Vec::with_capacity(rows.len());
@@ -249,7 +247,7 @@ impl Sweeper {
                 outage |= failure == Failure::Transient;
                 let delay = Backoff::PUBLISH.delay_with(retries, jitter);
                 let text = error.to_string();
-                match failures::record(&tx, id, &text, delay, failure, self.max_retries).await? {
+                match attempts::record(&tx, id, &text, delay, failure, self.max_retries).await? {
                     Some(true) => swept.dead += 1,
                     _ => swept.retried += 1,
                 }
@@ -282,7 +280,7 @@ pub fn row_from(r: &tokio_postgres::Row) -> OutboxRow {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SweepError {
+pub(crate) enum SweepError {
     #[error("PostgreSQL: {0}")]
     Database(#[from] tokio_postgres::Error),
     #[error("{0}")]
@@ -291,7 +289,7 @@ pub enum SweepError {
 
 /// PostgreSQL's ISO UTC text (`2026-11-26 18:28:37.123456+00`) as
 /// microseconds since 2000-01-01; None for anything else.
-pub fn parse_utc_micros(text: &str) -> Option<i64> {
+pub(crate) fn parse_utc_micros(text: &str) -> Option<i64> {
     let text = text.strip_suffix("+00")?;
     let (date, clock) = text.split_once(' ')?;
     let mut d = date.split('-').map(|p| p.parse::<i32>().ok());
@@ -371,10 +369,10 @@ mod tests {
 
     #[test]
     fn the_stream_checks_nothing_until_a_sweep_took_rows() {
-        let horizon = Horizon::default();
-        assert!(!horizon.sweeping());
-        horizon.swept_before.fetch_max(1_000, Ordering::Relaxed);
-        assert!(horizon.sweeping() && horizon.maybe_swept(999) && !horizon.maybe_swept(1_000));
+        let boundary = Boundary::default();
+        assert!(!boundary.sweeping());
+        boundary.swept_before.fetch_max(1_000, Ordering::Relaxed);
+        assert!(boundary.sweeping() && boundary.maybe_swept(999) && !boundary.maybe_swept(1_000));
         assert_eq!(parse_utc_micros("2000-01-01 00:00:00.1234567+00"), None);
         assert_eq!(parse_utc_micros("2000-01-01 00:00:00.12a+00"), None);
     }

@@ -17,15 +17,16 @@
 
 mod publisher;
 mod reader;
+mod window;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::event::OutboxRow;
 use crate::metrics::Metrics;
 use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
-use crate::outbox::sweeper::Horizon;
+use crate::outbox::sweeper::Boundary;
 use crate::publish::turn::PublishTurn;
-use crate::replication::pgoutput::OutboxRow;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
@@ -75,7 +76,7 @@ impl Batch {
 }
 
 /// The NATS side, shared by every session.
-pub struct Nats {
+pub(crate) struct Nats {
     pub js: async_nats::jetstream::Context,
     /// Taken by the sweeper between the publisher's chains.
     pub turn: Arc<PublishTurn>,
@@ -85,18 +86,18 @@ pub struct Nats {
 
 /// How a session ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Drained {
+pub(crate) struct Drained {
     /// The last position confirmed to the server.
     pub confirmed: Lsn,
 }
 
 /// Streams until shutdown (`Ok`) or a failure (`Err`, the caller decides
 /// whether to start another session).
-pub async fn run_session(
+pub(crate) async fn run_session(
     config: &Config,
     nats: &Nats,
     metrics: &Arc<Metrics>,
-    sweep: &Arc<Horizon>,
+    sweep: &Arc<Boundary>,
     shutdown: &mut Shutdown,
 ) -> Result<Drained, Error> {
     metrics.sessions.inc();
@@ -150,7 +151,7 @@ async fn stream_until_done(
     config: &Config,
     nats: &Nats,
     metrics: &Arc<Metrics>,
-    sweep: &Arc<Horizon>,
+    sweep: &Arc<Boundary>,
     shutdown: &mut Shutdown,
     opened: Opened,
 ) -> Result<Drained, Error> {

@@ -21,22 +21,21 @@
 //! (the event is already in the stream); marking in few, large statements
 //! saves the database a statement and a commit per handful of events.
 
+use super::window::Window;
 use super::{Batch, Item};
 use crate::backoff::Backoff;
 use crate::error::Error;
+use crate::event::OutboxRow;
 use crate::metrics::Metrics;
-use crate::outbox::failures;
+use crate::outbox::attempts;
+use crate::pgtime::{seconds_since, unix_seconds};
 use crate::publish::failure::{classify, Failure};
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::publish::message::Message;
 use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
-use crate::replication::pgoutput::OutboxRow;
-use crate::replication::progress::seconds_since;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
-use pgwire_replication::Lsn;
-use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -105,22 +104,6 @@ impl Chain {
     }
 }
 
-/// A slot of the window, in stream order.
-#[allow(clippy::large_enum_variant)]
-enum Slot {
-    Event(Sent),
-    Confirm(Lsn),
-}
-
-struct Sent {
-    row: OutboxRow,
-    /// Its transaction's commit time (µs since 2000-01-01), for latency.
-    committed_at: i64,
-    /// Failed attempts so far, for its backoff.
-    attempts: u32,
-    ack: AckFuture,
-}
-
 pub(super) struct Publisher {
     chain: Chain,
     db: Arc<Client>,
@@ -131,9 +114,7 @@ pub(super) struct Publisher {
     /// may be lost, and would otherwise wait out their ack timeout.
     connects: watch::Receiver<u64>,
     /// Sent events awaiting their acks, and the positions behind them.
-    window: VecDeque<Slot>,
-    /// Events in the window.
-    in_flight: usize,
+    window: Window<AckFuture>,
     batch: Batch,
     /// When the oldest item of the current batch arrived.
     since: Instant,
@@ -159,8 +140,7 @@ impl Publisher {
             metrics,
             turn,
             connects,
-            window: VecDeque::new(),
-            in_flight: 0,
+            window: Window::new(),
             batch: Batch::default(),
             since: Instant::now(),
             failing: false,
@@ -207,17 +187,16 @@ impl Publisher {
                 item = items.recv(), if room => match item {
                     Some(Item::Event { row, committed_at }) => {
                         let ack = self.chain.send(&row).await;
-                        self.in_flight += 1;
                         self.metrics.in_flight.inc();
-                        self.window.push_back(Slot::Event(Sent { row, committed_at, attempts: 0, ack }));
+                        self.window.push_event(row, committed_at, ack);
                     }
-                    Some(Item::Confirm(lsn)) => self.window.push_back(Slot::Confirm(lsn)),
+                    Some(Item::Confirm(lsn)) => self.window.push_position(lsn),
                     None => open = false,
                 },
                 Ok(()) = self.connects.changed() => {
                     self.connects.borrow_and_update();
-                    if self.in_flight > 0 {
-                        tracing::debug!(in_flight = self.in_flight, "NATS reconnected: sending what was in flight again");
+                    if self.window.in_flight() > 0 {
+                        tracing::debug!(in_flight = self.window.in_flight(), "NATS reconnected: sending what was in flight again");
                         self.resend(0).await;
                     }
                 }
@@ -232,9 +211,7 @@ impl Publisher {
 
     /// Positions at the front of the window: everything before them is acked.
     fn take_confirms(&mut self) {
-        while let Some(Slot::Confirm(lsn)) = self.window.front() {
-            let lsn = *lsn;
-            self.window.pop_front();
+        if let Some(lsn) = self.window.take_settled_position() {
             self.started_batch();
             self.batch.confirm = Some(lsn);
         }
@@ -256,10 +233,9 @@ impl Publisher {
             Ok(ack) => ack,
             Err(error) => return self.retry_front(error, batches).await,
         };
-        let Some(Slot::Event(sent)) = self.window.pop_front() else {
+        let Some(sent) = self.window.settle_front() else {
             return Ok(());
         };
-        self.in_flight -= 1;
         self.metrics.in_flight.dec();
         if self.failing {
             self.failing = false;
@@ -274,7 +250,7 @@ impl Publisher {
                 .publish_latency
                 .observe(seconds_since(sent.committed_at));
         }
-        self.metrics.last_publish_timestamp.set(unix_now());
+        self.metrics.last_publish_timestamp.set(unix_seconds());
         self.started_batch();
         self.batch.ids.push(sent.row.id);
         if self.batch.ids.len() >= MAX_BATCH {
@@ -293,7 +269,7 @@ impl Publisher {
         // What is acked gets marked while this one waits.
         self.flush(batches).await?;
         let failure = classify(&error);
-        let Some(Slot::Event(head)) = self.window.front_mut() else {
+        let Some(head) = self.window.front_mut() else {
             return Ok(());
         };
         if failure == Failure::Chain {
@@ -312,10 +288,9 @@ impl Publisher {
         };
         let text = error.to_string();
         let id = head.row.id;
-        let dead = failures::record(&*self.db, id, &text, delay, failure, self.max_retries).await?;
+        let dead = attempts::record(&*self.db, id, &text, delay, failure, self.max_retries).await?;
         if dead == Some(true) {
-            self.window.pop_front();
-            self.in_flight -= 1;
+            self.window.settle_front();
             self.metrics.in_flight.dec();
             self.metrics.events_failed.inc();
             tracing::warn!(%id, error = %text, "event failed (dead letter); `outbox-tailer requeue` retries it");
@@ -344,14 +319,12 @@ impl Publisher {
     /// failed themselves; the others are counted as re-sent.
     async fn resend(&mut self, retried: u64) {
         self.chain.restart();
-        for slot in self.window.iter_mut() {
-            if let Slot::Event(sent) = slot {
-                sent.ack = self.chain.send(&sent.row).await;
-            }
+        for sent in self.window.events_mut() {
+            sent.ack = self.chain.send(&sent.row).await;
         }
         self.metrics
             .resent
-            .inc_by((self.in_flight as u64).saturating_sub(retried));
+            .inc_by((self.window.in_flight() as u64).saturating_sub(retried));
     }
 
     async fn flush(&mut self, batches: &Sender<Batch>) -> Result<(), Error> {
@@ -367,15 +340,9 @@ impl Publisher {
 
 /// The ack of the oldest event in the window; never completes while the
 /// window holds none.
-async fn front_ack(window: &mut VecDeque<Slot>) -> Result<PublishAck, PublishError> {
+async fn front_ack(window: &mut Window<AckFuture>) -> Result<PublishAck, PublishError> {
     match window.front_mut() {
-        Some(Slot::Event(sent)) => (&mut sent.ack).await,
-        _ => std::future::pending().await,
+        Some(sent) => (&mut sent.ack).await,
+        None => std::future::pending().await,
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

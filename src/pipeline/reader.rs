@@ -4,11 +4,12 @@
 
 use super::Item;
 use crate::error::Error;
+use crate::event::OutboxRow;
 use crate::metrics::Metrics;
 use crate::outbox::replay::ReplayCheck;
-use crate::outbox::sweeper::{parse_utc_micros, Horizon};
-use crate::replication::pgoutput::{Decoder, OutboxRow};
-use crate::replication::progress::seconds_since;
+use crate::outbox::sweeper::{parse_utc_micros, Boundary};
+use crate::pgtime::seconds_since;
+use crate::replication::pgoutput::Decoder;
 use pgwire_replication::{Lsn, ReplicationEvent};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ pub(super) struct Reader {
     /// first: the replication lag in seconds is the age of the first.
     unconfirmed: VecDeque<(Lsn, i64)>,
     /// Shared with the sweeper: what the stream confirmed, what it swept.
-    sweep: Arc<Horizon>,
+    sweep: Arc<Boundary>,
     metrics: Arc<Metrics>,
 }
 
@@ -40,7 +41,7 @@ impl Reader {
     pub(super) fn new(
         items: Sender<Item>,
         replay: ReplayCheck,
-        sweep: Arc<Horizon>,
+        sweep: Arc<Boundary>,
         metrics: Arc<Metrics>,
     ) -> Reader {
         Reader {

@@ -1,4 +1,4 @@
-//! What a failed publish means for its event (CONTRACT.md section 3). Pure.
+//! What a failed publish means for its event (docs/contract.md section 3). Pure.
 //!
 //! - `Permanent`: no retry can fix it (the payload is over the server's
 //!   `max_payload`): the event fails at once.
@@ -15,14 +15,14 @@
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     Permanent,
     EventSpecific,
     Transient,
     Chain,
 }
 
-pub fn classify(error: &PublishError) -> Failure {
+pub(crate) fn classify(error: &PublishError) -> Failure {
     classify_kind(error.kind())
 }
 

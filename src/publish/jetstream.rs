@@ -10,21 +10,21 @@ use tokio::sync::watch;
 
 /// Publishes in flight at once (acks not yet received): deep enough to keep
 /// the connection busy, small enough that a stalled server holds little.
-pub const PUBLISH_WINDOW: usize = 4096;
+pub(crate) const PUBLISH_WINDOW: usize = 4096;
 /// JetStream de-duplicates repeats of a `Nats-Msg-Id` within this window.
-pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+pub(crate) const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Servers and credentials from `--nats-url`. The client ignores credentials
 /// embedded in a URL, so they are taken out and passed as options.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatsTarget {
+pub(crate) struct NatsTarget {
     pub servers: Vec<String>,
     pub user_password: Option<(String, String)>,
     pub token: Option<String>,
 }
 
 impl NatsTarget {
-    pub fn parse(url: &str) -> NatsTarget {
+    pub(crate) fn parse(url: &str) -> NatsTarget {
         let mut target = NatsTarget {
             servers: Vec::new(),
             user_password: None,
@@ -52,7 +52,7 @@ impl NatsTarget {
 /// Connects in the background: an unreachable server is not fatal, the
 /// client keeps trying, and publishing waits for it. The receiver counts
 /// the connections made: each (re)connect bumps it.
-pub async fn connect(
+pub(crate) async fn connect(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<(async_nats::Client, watch::Receiver<u64>), Error> {
@@ -97,11 +97,11 @@ pub async fn connect(
 }
 
 /// How long a publish waits for its ack.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Acks awaited at once: a window re-sent after a failure (see the
 /// publisher) need not wait for the acks of the copies it replaced.
-pub fn context(client: async_nats::Client) -> jetstream::Context {
+pub(crate) fn context(client: async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
         .timeout(ACK_TIMEOUT)
         .ack_timeout(ACK_TIMEOUT)
@@ -113,7 +113,7 @@ pub fn context(client: async_nats::Client) -> jetstream::Context {
 /// Creates the stream if missing (subjects `<prefix>.>`, file storage, a
 /// two-minute duplicate window). An existing stream is left as it is, with a
 /// warning when it cannot serve the tailer well.
-pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(), Error> {
+pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(), Error> {
     let subjects = format!("{}.>", config.subject_prefix);
     let wanted = stream::Config {
         name: config.stream.clone(),

@@ -1,8 +1,8 @@
 //! The JetStream message for an outbox row: subject, body and headers
-//! (CONTRACT.md section 3). Pure code.
+//! (docs/contract.md section 3). Pure code.
 
 use super::subject::subject;
-use crate::replication::pgoutput::OutboxRow;
+use crate::event::OutboxRow;
 use async_nats::header::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 

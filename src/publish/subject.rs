@@ -1,4 +1,4 @@
-//! Subjects: `<prefix>.<aggregate_type>.<event_type>` (CONTRACT.md section 3).
+//! Subjects: `<prefix>.<aggregate_type>.<event_type>` (docs/contract.md section 3).
 //! Pure code.
 //!
 //! `aggregate_type` is one token; dots in `event_type` stay subject hierarchy.

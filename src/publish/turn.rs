@@ -15,10 +15,10 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 /// How long the publisher keeps its turn, once it has it, while the sweeper
 /// waits and live events keep coming: the sweeper cannot starve the stream.
-pub const PUBLISHER_SHARE: Duration = Duration::from_millis(100);
+pub(crate) const PUBLISHER_SHARE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default)]
-pub struct PublishTurn {
+pub(crate) struct PublishTurn {
     lock: Arc<Mutex<()>>,
     /// The sweeper waits for its turn.
     wanted: AtomicBool,
@@ -27,7 +27,7 @@ pub struct PublishTurn {
 }
 
 /// The sweeper's turn; the publisher gets it back when this is dropped.
-pub struct SweeperTurn<'a> {
+pub(crate) struct SweeperTurn<'a> {
     turn: &'a PublishTurn,
     _guard: OwnedMutexGuard<()>,
 }
@@ -42,7 +42,7 @@ impl Drop for SweeperTurn<'_> {
 
 impl PublishTurn {
     /// Waits until the publisher (if any) has nothing in flight and hands over.
-    pub async fn sweeper(&self) -> SweeperTurn<'_> {
+    pub(crate) async fn sweeper(&self) -> SweeperTurn<'_> {
         self.wanted.store(true, Ordering::Relaxed);
         self.asked.notify_one();
         let guard = self.lock.clone().lock_owned().await;
@@ -53,17 +53,17 @@ impl PublishTurn {
     }
 
     /// The publisher's turn; it holds it while it publishes.
-    pub async fn publisher(&self) -> OwnedMutexGuard<()> {
+    pub(crate) async fn publisher(&self) -> OwnedMutexGuard<()> {
         self.lock.clone().lock_owned().await
     }
 
     /// Whether the sweeper is waiting for its turn.
-    pub fn wanted(&self) -> bool {
+    pub(crate) fn wanted(&self) -> bool {
         self.wanted.load(Ordering::Relaxed)
     }
 
     /// Completes when the sweeper (may have) started waiting.
-    pub async fn asked(&self) {
+    pub(crate) async fn asked(&self) {
         self.asked.notified().await
     }
 }

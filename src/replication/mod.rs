@@ -1,7 +1,7 @@
 //! The PostgreSQL side: start-up checks and setup (publication, slot), the
 //! replication session, pgoutput decoding (pure) and LSN progress.
 
-pub mod pgoutput;
-pub mod progress;
-pub mod setup;
-pub mod source;
+pub(crate) mod pgoutput;
+pub(crate) mod progress;
+pub(crate) mod setup;
+pub(crate) mod source;

@@ -10,27 +10,10 @@
 //! Values arrive in text format (`'t'`, length, bytes). The payload keeps its
 //! bytes exactly as PostgreSQL rendered the jsonb, as a zero-copy slice.
 
+use crate::event::{OutboxRow, OUTBOX_TABLE};
 use bytes::Bytes;
 use std::collections::HashMap;
 use uuid::Uuid;
-
-/// The outbox table's name; its schema does not matter.
-pub const OUTBOX_TABLE: &str = "event_outbox";
-
-/// One committed `event_outbox` insert, as the stream delivered it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRow {
-    pub id: Uuid,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub user_id: Option<String>,
-    pub project_id: Option<String>,
-    pub event_type: String,
-    /// The jsonb exactly as PostgreSQL renders it (no re-encoding).
-    pub payload: Bytes,
-    /// `timestamptz` text in the session's DateStyle (ISO, UTC: see `source`).
-    pub created_at: String,
-}
 
 /// A pgoutput message that cannot be decoded. Each one means the stream and
 /// this decoder disagree, so the caller stops rather than skip an event.
@@ -81,18 +64,18 @@ enum Relation {
 /// cache lives as long as the session: the server sends a Relation message
 /// before the first change of each relation, and again after it changes.
 #[derive(Debug, Default)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     relations: HashMap<u32, Relation>,
 }
 
 impl Decoder {
-    pub fn new() -> Decoder {
+    pub(crate) fn new() -> Decoder {
         Decoder::default()
     }
 
     /// Decodes one message: `Some(row)` for an `event_outbox` insert, `None`
     /// for everything else (which is skipped).
-    pub fn decode(&mut self, data: &Bytes) -> Result<Option<OutboxRow>, DecodeError> {
+    pub(crate) fn decode(&mut self, data: &Bytes) -> Result<Option<OutboxRow>, DecodeError> {
         match data.first() {
             Some(b'R') => {
                 let (oid, relation) = parse_relation(data)?;

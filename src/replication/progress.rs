@@ -6,40 +6,24 @@
 
 use pgwire_replication::Lsn;
 
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-/// Now, in the stream's time unit: microseconds since 2000-01-01.
-pub fn pg_now_micros() -> i64 {
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(unix.as_micros()).unwrap_or(i64::MAX) - PG_EPOCH_OFFSET_MICROS
-}
-
-/// Seconds from a stream timestamp until now (never negative).
-pub fn seconds_since(pg_micros: i64) -> f64 {
-    (pg_now_micros() - pg_micros).max(0) as f64 / 1e6
-}
-
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
+pub(crate) struct Progress {
     confirmed: Lsn,
 }
 
 impl Progress {
-    pub fn new(start: Lsn) -> Progress {
+    pub(crate) fn new(start: Lsn) -> Progress {
         Progress { confirmed: start }
     }
 
     /// The highest position whose events are durable in JetStream and marked.
-    pub fn confirmed(&self) -> Lsn {
+    pub(crate) fn confirmed(&self) -> Lsn {
         self.confirmed
     }
 
     /// Records that everything before `lsn` is published and marked. Returns
     /// true when that moved the confirmed position forward.
-    pub fn confirm(&mut self, lsn: Lsn) -> bool {
+    pub(crate) fn confirm(&mut self, lsn: Lsn) -> bool {
         debug_assert!(
             lsn >= self.confirmed,
             "confirmed position went back: {} < {}",

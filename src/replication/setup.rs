@@ -3,7 +3,7 @@
 //! Each failure is one line that says what to do.
 
 use crate::config::Config;
-use crate::replication::pgoutput::OUTBOX_TABLE;
+use crate::event::OUTBOX_TABLE;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -40,7 +40,7 @@ pub enum SetupError {
 }
 
 /// Connects an ordinary (query) session, failing fast with one clear line.
-pub async fn connect(config: &Config) -> Result<Client, SetupError> {
+pub(crate) async fn connect(config: &Config) -> Result<Client, SetupError> {
     let mut pg = config.database.clone();
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(10));
@@ -63,14 +63,14 @@ pub async fn connect(config: &Config) -> Result<Client, SetupError> {
 
 /// Everything the tailer needs from the database before it streams, created
 /// when missing: the checks of `run` and `setup`.
-pub async fn prepare(db: &Client, config: &Config) -> Result<(), SetupError> {
+pub(crate) async fn prepare(db: &Client, config: &Config) -> Result<(), SetupError> {
     check_server(db).await?;
     ensure_publication(db, &config.publication).await?;
     ensure_slot(db, &config.slot).await
 }
 
 /// `wal_level = logical` and a role that may replicate.
-pub async fn check_server(db: &Client) -> Result<(), SetupError> {
+pub(crate) async fn check_server(db: &Client) -> Result<(), SetupError> {
     let wal_level: String = db.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(SetupError::WalLevel(wal_level));
@@ -125,7 +125,7 @@ async fn ensure_publication(db: &Client, name: &str) -> Result<(), SetupError> {
 /// while the tailer runs is recreated, and the sweeper publishes the rows it
 /// left behind). A slot the server invalidated is an error that says how to
 /// recover.
-pub async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
+pub(crate) async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
     let existing = db
         .query_opt(
             "SELECT coalesce(plugin, ''), coalesce(database, ''), current_database()::text, \
@@ -170,7 +170,7 @@ pub async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
 }
 
 /// `host:port/db` of the configured database, for messages (no password).
-pub fn target(config: &Config) -> String {
+pub(crate) fn target(config: &Config) -> String {
     let host = match config.database.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
         Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
@@ -187,7 +187,7 @@ pub fn target(config: &Config) -> String {
 
 /// The most useful text of a tokio-postgres error: the server's message, or
 /// the underlying I/O cause (tokio-postgres' own Display is often just "db error").
-pub fn error_text(error: &tokio_postgres::Error) -> String {
+pub(crate) fn error_text(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
         return format!("{} (SQLSTATE {})", db.message(), db.code().code());
     }

@@ -14,7 +14,7 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// The session pins `DateStyle=ISO` and `TimeZone=UTC`, so timestamps in the
 /// stream are `2026-11-26 18:28:37.123456+00` whatever the server's defaults
 /// (they become RFC 3339 headers).
-pub fn replication_config(config: &Config) -> ReplicationConfig {
+pub(crate) fn replication_config(config: &Config) -> ReplicationConfig {
     let pg = &config.database;
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or("postgres").to_owned();
@@ -63,7 +63,9 @@ pub fn replication_config(config: &Config) -> ReplicationConfig {
 
 /// Connects and starts streaming from the slot's confirmed position. Fails
 /// with SQLSTATE 55006 while another tailer holds the slot.
-pub async fn open(config: &Config) -> Result<ReplicationClient, pgwire_replication::PgWireError> {
+pub(crate) async fn open(
+    config: &Config,
+) -> Result<ReplicationClient, pgwire_replication::PgWireError> {
     let mut client = ReplicationClient::connect(replication_config(config)).await?;
     client.wait_started().await?;
     Ok(client)

@@ -1,0 +1,793 @@
+//! The benchmark behind `scripts/bench`: outbox-tailer against a faithful
+//! polling relay, side by side, on throwaway servers on this machine.
+//!
+//! Phases (each on a fresh outbox and a purged stream):
+//! - drain: N events (transactions of 100, ~400-byte chat payloads) already
+//!   committed, then the publisher starts; events/s until every row is
+//!   `published`.
+//! - live: two producers insert for a while (transactions of 100 single-row
+//!   INSERTs, as an application writes), together at `--live-rate` events/s
+//!   (default 10,000; 0 = as fast as they can); publish rate, and
+//!   commit→JetStream latency.
+//! - paced: 300 single-row transactions/s; commit→JetStream latency p50/p99.
+//! - big (tailer only): one transaction of 200,000 inserts; peak RSS.
+//!
+//! Latency runs from the database's commit timestamp
+//! (`track_commit_timestamp=on`, read back per transaction id) to the time
+//! JetStream stored the message (its ack), both from this machine's clock.
+//! The relay is this binary re-run as `bench relay`: `SELECT … WHERE
+//! status='pending' AND next_retry_at <= now() ORDER BY next_retry_at,
+//! created_at LIMIT 500 FOR UPDATE SKIP LOCKED`, pipelined publish of the
+//! same messages, one batched UPDATE, commit; it polls every 100 ms when idle.
+
+use async_nats::jetstream::{self, consumer, stream};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use outbox_tailer::internals::{row_from, Message, ROW_COLUMNS};
+use outbox_testkit::procfs::{self, Usage};
+use outbox_testkit::{alembic, tailer_bin, NatsServer, PgServer};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// Events in the drain phase.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Seconds of the live phase.
+    #[arg(long, default_value_t = 15)]
+    live_seconds: u64,
+    /// Events/s the two live producers offer together (0: as fast as they can).
+    #[arg(long, default_value_t = 10_000)]
+    live_rate: u64,
+    /// Transactions per second in the paced phase.
+    #[arg(long, default_value_t = 300)]
+    paced_rate: u64,
+    /// Seconds of the paced phase.
+    #[arg(long, default_value_t = 15)]
+    paced_seconds: u64,
+    /// Inserts in the one big transaction.
+    #[arg(long, default_value_t = 200_000)]
+    big: usize,
+    /// Run only these phases (drain, live, paced, big).
+    #[arg(long, value_delimiter = ',', default_value = "drain,live,paced,big")]
+    phases: Vec<String>,
+    /// PostgreSQL fsync (off: the harness default, as the tests run).
+    #[arg(long, default_value = "off")]
+    fsync: String,
+    /// More PostgreSQL settings, `name=value` (repeatable).
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
+    pg_settings: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// The polling relay baseline (run by the benchmark itself).
+    Relay {
+        database_url: String,
+        nats_url: String,
+    },
+}
+
+const STREAM: &str = "EVENTS";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(Mode::Relay {
+        database_url,
+        nats_url,
+    }) = &args.mode
+    {
+        return relay(database_url, nats_url).await;
+    }
+    let mut pg = PgServer::builder()
+        .setting("fsync", &args.fsync)
+        .setting("shared_buffers", "256MB")
+        .setting("max_wal_size", "4GB")
+        .setting("checkpoint_timeout", "30min");
+    for setting in &args.pg_settings {
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or("--pg-setting takes name=value")?;
+        pg = pg.setting(name, value);
+    }
+    let pg = pg.start()?;
+    let nats = NatsServer::start()?;
+    let url = pg.create_database("chat").await?;
+    alembic(&url, &["upgrade", "head"])?;
+    let db = pg.connect("chat").await?;
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    js.create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["events.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let bench = Bench {
+        url,
+        nats_url: nats.url(),
+        db,
+        js,
+        args: &args,
+    };
+    println!(
+        "outbox-tailer benchmark: PostgreSQL {} (fsync={}), nats-server, {} cores",
+        pg_version(&bench.db).await?,
+        args.fsync,
+        num_cores()
+    );
+    let mut report = Vec::new();
+    for phase in &args.phases {
+        match phase.as_str() {
+            "drain" => {
+                for publisher in [Publisher::Tailer, Publisher::Relay] {
+                    report.push(bench.drain(publisher).await?);
+                }
+            }
+            "live" => {
+                for publisher in [Publisher::Tailer, Publisher::Relay] {
+                    report.push(bench.live(publisher).await?);
+                }
+            }
+            "paced" => {
+                for publisher in [Publisher::Tailer, Publisher::Relay] {
+                    report.push(bench.paced(publisher).await?);
+                }
+            }
+            "big" => report.push(bench.big().await?),
+            other => return Err(format!("unknown phase {other}").into()),
+        }
+    }
+    println!(
+        "\n{:<8} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}  note",
+        "phase", "who", "events", "events/s", "p50 ms", "p99 ms", "cpu s", "rss MB"
+    );
+    for line in &report {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Publisher {
+    Tailer,
+    Relay,
+}
+
+impl Publisher {
+    fn name(self) -> &'static str {
+        match self {
+            Publisher::Tailer => "tailer",
+            Publisher::Relay => "relay",
+        }
+    }
+}
+
+struct Line {
+    phase: &'static str,
+    who: &'static str,
+    events: usize,
+    rate: f64,
+    latency: Option<(f64, f64)>,
+    usage: Usage,
+    note: String,
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p50, p99) = self.latency.map_or(("-".into(), "-".into()), |(a, b)| {
+            (format!("{a:.2}"), format!("{b:.2}"))
+        });
+        write!(
+            f,
+            "{:<8} {:<7} {:>10} {:>10.0} {:>9} {:>9} {:>8.2} {:>8.1}  {}",
+            self.phase,
+            self.who,
+            self.events,
+            self.rate,
+            p50,
+            p99,
+            self.usage.cpu_seconds,
+            self.usage.peak_rss as f64 / 1048576.0,
+            self.note
+        )
+    }
+}
+
+struct Bench<'a> {
+    url: String,
+    nats_url: String,
+    db: Client,
+    js: jetstream::Context,
+    args: &'a Args,
+}
+
+/// A publisher process (the tailer binary, or this binary as the relay).
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn usage(&self) -> Usage {
+        procfs::usage(self.0.id())
+    }
+
+    fn rss(&self) -> u64 {
+        procfs::usage(self.0.id()).rss
+    }
+
+    /// SIGTERM, then (after 10 s) SIGKILL by drop.
+    fn stop(mut self) {
+        procfs::terminate(self.0.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Bench<'_> {
+    fn start(&self, publisher: Publisher) -> Result<Process> {
+        let exe = std::env::current_exe()?;
+        let mut command = match publisher {
+            Publisher::Tailer => {
+                let mut c = Command::new(tailer_bin()?);
+                c.arg("run")
+                    .env("DATABASE_URL", &self.url)
+                    .env("NATS_URL", &self.nats_url)
+                    .env("METRICS_ADDR", "127.0.0.1:0");
+                c
+            }
+            Publisher::Relay => {
+                let mut c = Command::new(exe);
+                c.args(["relay", &self.url, &self.nats_url]);
+                c
+            }
+        };
+        let child = command
+            .env("RUST_LOG", "warn")
+            .env("X", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Process(child))
+    }
+
+    /// Empties the outbox and the stream between phases, and drops the slot
+    /// so no phase replays the one before it.
+    async fn reset(&self) -> Result<()> {
+        self.db
+            .batch_execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
+            .await?;
+        self.db.batch_execute("TRUNCATE event_outbox").await?;
+        self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
+        self.js.get_stream(STREAM).await?.purge().await?;
+        Ok(())
+    }
+
+    async fn pending(&self) -> Result<i64> {
+        Ok(self
+            .db
+            .query_one(
+                "SELECT count(*) FROM event_outbox WHERE status = 'pending'",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    async fn wait_drained(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.pending().await? > 0 {
+            if Instant::now() > deadline {
+                return Err("timed out waiting for the outbox to drain".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    async fn drain(&self, publisher: Publisher) -> Result<Line> {
+        self.reset().await?;
+        if publisher == Publisher::Tailer {
+            // The slot must exist before the backlog is written.
+            let p = self.start(Publisher::Tailer)?;
+            wait_slot_active(&self.db, true).await?;
+            p.stop();
+            wait_slot_active(&self.db, false).await?;
+        }
+        let producer = Producer::connect(&self.url).await?;
+        let mut written = 0;
+        while written < self.args.events {
+            let n = 100.min(self.args.events - written);
+            producer.batch(n).await?;
+            written += n;
+        }
+        println!(
+            "drain  {:<6}: {} events committed; starting the publisher",
+            publisher.name(),
+            written
+        );
+        let started = Instant::now();
+        let process = self.start(publisher)?;
+        self.wait_drained(Duration::from_secs(600)).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let usage = process.usage();
+        process.stop();
+        Ok(Line {
+            phase: "drain",
+            who: publisher.name(),
+            events: written,
+            rate: written as f64 / elapsed,
+            latency: None,
+            usage,
+            note: format!("{elapsed:.1} s from start until no row is pending"),
+        })
+    }
+
+    async fn live(&self, publisher: Publisher) -> Result<Line> {
+        self.reset().await?;
+        let process = self.start(publisher)?;
+        if publisher == Publisher::Tailer {
+            wait_slot_active(&self.db, true).await?;
+        }
+        let first_seq = self
+            .js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence
+            + 1;
+        let running = Arc::new(AtomicBool::new(true));
+        let mut producers = Vec::new();
+        // Each producer commits 100-row transactions, paced to half the rate.
+        let per_transaction = (self.args.live_rate > 0)
+            .then(|| Duration::from_secs_f64(200.0 / self.args.live_rate as f64));
+        for _ in 0..2 {
+            let producer = Producer::connect(&self.url).await?;
+            let running = running.clone();
+            producers.push(tokio::spawn(async move {
+                let mut commits = Vec::new();
+                let mut tick = per_transaction.map(tokio::time::interval);
+                while running.load(Ordering::Relaxed) {
+                    if let Some(tick) = tick.as_mut() {
+                        tick.tick().await;
+                    }
+                    commits.push(producer.rows(100).await?);
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(commits)
+            }));
+        }
+        let window = Duration::from_secs(self.args.live_seconds);
+        tokio::time::sleep(window).await;
+        let in_stream_at_end = self
+            .js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence
+            + 1
+            - first_seq;
+        running.store(false, Ordering::Relaxed);
+        let mut commits = Vec::new();
+        for p in producers {
+            commits.extend(p.await??);
+        }
+        let produced: usize = commits.iter().map(|c| c.ids.len()).sum();
+        let behind_at_end = self.pending().await?;
+        self.wait_drained(Duration::from_secs(600)).await?;
+        let usage = process.usage();
+        process.stop();
+        let latency = self.latency(&commits, first_seq).await?;
+        Ok(Line {
+            phase: "live",
+            who: publisher.name(),
+            events: produced,
+            rate: in_stream_at_end as f64 / window.as_secs_f64(),
+            latency: Some(latency),
+            usage,
+            note: format!(
+                "producers {:.0}/s offered; {} pending when they stopped",
+                produced as f64 / window.as_secs_f64(),
+                behind_at_end
+            ),
+        })
+    }
+
+    async fn paced(&self, publisher: Publisher) -> Result<Line> {
+        self.reset().await?;
+        let process = self.start(publisher)?;
+        if publisher == Publisher::Tailer {
+            wait_slot_active(&self.db, true).await?;
+        }
+        let first_seq = self
+            .js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence
+            + 1;
+        let producer = Producer::connect(&self.url).await?;
+        let total = self.args.paced_rate * self.args.paced_seconds;
+        let mut tick =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / self.args.paced_rate as f64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commits = Vec::with_capacity(total as usize);
+        let started = Instant::now();
+        for _ in 0..total {
+            tick.tick().await;
+            commits.push(producer.single().await?);
+        }
+        let rate = total as f64 / started.elapsed().as_secs_f64();
+        self.wait_drained(Duration::from_secs(120)).await?;
+        let usage = process.usage();
+        process.stop();
+        let latency = self.latency(&commits, first_seq).await?;
+        Ok(Line {
+            phase: "paced",
+            who: publisher.name(),
+            events: total as usize,
+            rate,
+            latency: Some(latency),
+            usage,
+            note: format!("{} single-row transactions/s offered", self.args.paced_rate),
+        })
+    }
+
+    async fn big(&self) -> Result<Line> {
+        self.reset().await?;
+        let process = self.start(Publisher::Tailer)?;
+        wait_slot_active(&self.db, true).await?;
+        let baseline = process.rss();
+        let producer = Producer::connect(&self.url).await?;
+        let started = Instant::now();
+        producer.big(self.args.big).await?;
+        println!(
+            "big    tailer: one transaction of {} inserts committed in {:.1} s",
+            self.args.big,
+            started.elapsed().as_secs_f64()
+        );
+        let started = Instant::now();
+        let mut peak_sampled = 0;
+        while self.pending().await? > 0 {
+            peak_sampled = peak_sampled.max(process.rss());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err("the big transaction did not drain".into());
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let usage = process.usage();
+        process.stop();
+        Ok(Line {
+            phase: "big",
+            who: "tailer",
+            events: self.args.big,
+            rate: self.args.big as f64 / elapsed,
+            latency: None,
+            usage,
+            note: format!(
+                "RSS before {:.1} MB, highest sampled {:.1} MB (rss MB column = kernel's VmHWM)",
+                baseline as f64 / 1048576.0,
+                peak_sampled as f64 / 1048576.0
+            ),
+        })
+    }
+
+    /// Commit→stored latency (ms) p50 and p99 over `commits`.
+    async fn latency(&self, commits: &[Commit], first_seq: u64) -> Result<(f64, f64)> {
+        // Commit timestamps, one query for all transactions.
+        let xids: Vec<String> = commits.iter().map(|c| c.xid.clone()).collect();
+        let rows = self
+            .db
+            .query(
+                "SELECT x, (extract(epoch FROM pg_xact_commit_timestamp(xid(x::xid8))) * 1e6)::bigint \
+                 FROM unnest($1::text[]) x",
+                &[&xids],
+            )
+            .await?;
+        let committed: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let stored = stored_times(&self.js, first_seq).await?;
+        let mut latencies: Vec<f64> = Vec::new();
+        for commit in commits {
+            let Some(at) = committed.get(&commit.xid) else {
+                continue;
+            };
+            for id in &commit.ids {
+                if let Some(stored_at) = stored.get(id) {
+                    latencies.push((*stored_at - at) as f64 / 1000.0);
+                }
+            }
+        }
+        if let Some(path) = std::env::var_os("BENCH_LATENCY_CSV") {
+            let mut csv = String::new();
+            for commit in commits {
+                let Some(at) = committed.get(&commit.xid) else {
+                    continue;
+                };
+                for id in &commit.ids {
+                    if let Some(stored_at) = stored.get(id) {
+                        csv.push_str(&format!("{at},{}\n", stored_at - at));
+                    }
+                }
+            }
+            let mut path = std::path::PathBuf::from(path);
+            path.set_extension(format!("{}.csv", commits.len()));
+            std::fs::write(path, csv)?;
+        }
+        if latencies.is_empty() {
+            return Err("no latency samples".into());
+        }
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+        Ok((at(0.50), at(0.99)))
+    }
+}
+
+/// When JetStream stored each message (µs since the epoch), by event id.
+async fn stored_times(js: &jetstream::Context, first_seq: u64) -> Result<HashMap<Uuid, i64>> {
+    let stream = js.get_stream(STREAM).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: first_seq,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut info_stream = js.get_stream(STREAM).await?;
+    let last = info_stream.info().await?.state.last_sequence;
+    let mut times = HashMap::new();
+    let mut seen_up_to = first_seq.saturating_sub(1);
+    while seen_up_to < last {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(2000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await?;
+        let mut got = 0;
+        while let Some(message) = batch.next().await {
+            let message = message?;
+            let info = message.info()?;
+            seen_up_to = info.stream_sequence;
+            let published = (info.published.unix_timestamp_nanos() / 1000) as i64;
+            if let Some(id) = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .and_then(|v| Uuid::parse_str(v.as_str()).ok())
+            {
+                times.insert(id, published);
+            }
+            got += 1;
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    Ok(times)
+}
+
+/// One committed transaction: its id and the events it wrote.
+struct Commit {
+    xid: String,
+    ids: Vec<Uuid>,
+}
+
+/// Writes chat events: batches of 100 with one multi-row INSERT, single rows,
+/// or one huge transaction.
+struct Producer {
+    db: Client,
+    insert: tokio_postgres::Statement,
+    chat: String,
+    user: Uuid,
+    project: Uuid,
+    counter: AtomicU64,
+}
+
+impl Producer {
+    async fn connect(url: &str) -> Result<Producer> {
+        let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let insert = db
+            .prepare(
+                "INSERT INTO event_outbox (id, aggregate_type, aggregate_id, user_id, project_id, event_type, payload) \
+                 SELECT id, 'chat', $2, $3, $4, 'message.created', p::jsonb FROM unnest($1::uuid[], $5::text[]) AS t(id, p)",
+            )
+            .await?;
+        Ok(Producer {
+            db,
+            insert,
+            chat: Uuid::new_v4().to_string(),
+            user: Uuid::new_v4(),
+            project: Uuid::new_v4(),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// A ~400-byte chat message payload.
+    fn payload(&self, id: Uuid) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        serde_json::json!({
+            "message_id": id, "chat_id": self.chat, "project_id": self.project, "user_id": self.user, "role": "user",
+            "content": format!("message {n}: the deploy finished, the dashboards look green, and the on-call rotation for next week is posted in the channel; ping me if the lag alert fires again."),
+        })
+        .to_string()
+    }
+
+    async fn write(&self, n: usize) -> Result<Commit> {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let payloads: Vec<String> = ids.iter().map(|id| self.payload(*id)).collect();
+        self.db.batch_execute("BEGIN").await?;
+        self.db
+            .execute(
+                &self.insert,
+                &[&ids, &self.chat, &self.user, &self.project, &payloads],
+            )
+            .await?;
+        let xid: String = self
+            .db
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await?
+            .get(0);
+        self.db.batch_execute("COMMIT").await?;
+        Ok(Commit { xid, ids })
+    }
+
+    /// A transaction of `n` single-row INSERTs, one round trip each: how an
+    /// application (the chat endpoint) writes, and the producer rate the
+    /// targets are stated for.
+    async fn rows(&self, n: usize) -> Result<Commit> {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        self.db.batch_execute("BEGIN").await?;
+        for id in &ids {
+            let payload = vec![self.payload(*id)];
+            self.db
+                .execute(
+                    &self.insert,
+                    &[&vec![*id], &self.chat, &self.user, &self.project, &payload],
+                )
+                .await?;
+        }
+        let xid: String = self
+            .db
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await?
+            .get(0);
+        self.db.batch_execute("COMMIT").await?;
+        Ok(Commit { xid, ids })
+    }
+
+    /// A transaction of `n` rows in one multi-row INSERT (fast backlog loading).
+    async fn batch(&self, n: usize) -> Result<Commit> {
+        self.write(n).await
+    }
+
+    async fn single(&self) -> Result<Commit> {
+        self.write(1).await
+    }
+
+    async fn big(&self, n: usize) -> Result<()> {
+        self.db.batch_execute("BEGIN").await?;
+        let mut written = 0;
+        while written < n {
+            let chunk = 5000.min(n - written);
+            let ids: Vec<Uuid> = (0..chunk).map(|_| Uuid::new_v4()).collect();
+            let payloads: Vec<String> = ids.iter().map(|id| self.payload(*id)).collect();
+            self.db
+                .execute(
+                    &self.insert,
+                    &[&ids, &self.chat, &self.user, &self.project, &payloads],
+                )
+                .await?;
+            written += chunk;
+        }
+        self.db.batch_execute("COMMIT").await?;
+        Ok(())
+    }
+}
+
+async fn wait_slot_active(db: &Client, active: bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = db
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'event_outbox_tailer'",
+                &[],
+            )
+            .await?;
+        if row.map(|r| r.get::<_, bool>(0)) == Some(active) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the slot did not become active={active}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn pg_version(db: &Client) -> Result<String> {
+    Ok(db.query_one("SHOW server_version", &[]).await?.get(0))
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// The polling relay baseline: poll, publish pipelined, mark, commit.
+async fn relay(database_url: &str, nats_url: &str) -> Result<()> {
+    let (mut db, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let select = db
+        .prepare(
+            &format!(
+                "SELECT {ROW_COLUMNS} FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
+                 ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+            ),
+        )
+        .await?;
+    let mark = db
+        .prepare(
+            "UPDATE event_outbox SET status = 'published', published_at = now() WHERE id = ANY($1)",
+        )
+        .await?;
+    loop {
+        let tx = db.transaction().await?;
+        let rows = tx.query(&select, &[]).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            }
+        }
+        let mut acks = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let row = row_from(r);
+            let message = Message::from_row("events", &row);
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(message.body)
+                .headers(message.headers);
+            acks.push(js.send_publish(message.subject, publish).await?);
+            ids.push(row.id);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        tx.execute(&mark, &[&ids]).await?;
+        tx.commit().await?;
+    }
+}

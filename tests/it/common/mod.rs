@@ -1,0 +1,326 @@
+//! Shared pieces of the tailer's integration tests: a migrated database and a
+//! NATS server, the real `outbox-tailer` binary as a child process, load,
+//! reading the stream back, and bounded waits.
+
+pub mod load;
+pub mod proxy;
+
+pub use load::{Load, LoadOptions};
+
+use async_nats::jetstream;
+use outbox_testkit::{alembic, NatsServer, PgServer};
+use std::fs::File;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+pub const DB: &str = "chat";
+/// The slot and stream names the tailer uses by default.
+pub const SLOT: &str = "event_outbox_tailer";
+pub const STREAM: &str = "EVENTS";
+
+/// A migrated database and a NATS server.
+pub struct Env {
+    pub pg: PgServer,
+    pub nats: NatsServer,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Env::start_with(PgServer::builder()).await
+    }
+
+    pub async fn start_with(pg: outbox_testkit::PgBuilder) -> Env {
+        let pg = pg.start().expect("start postgres");
+        let nats = NatsServer::start().expect("start nats-server");
+        let url = pg.create_database(DB).await.unwrap();
+        alembic(&url, &["upgrade", "head"]).unwrap();
+        Env {
+            pg,
+            nats,
+            url,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub async fn db(&self) -> Client {
+        self.pg.connect(DB).await.unwrap()
+    }
+
+    pub async fn js(&self) -> jetstream::Context {
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        jetstream::new(client)
+    }
+
+    /// Starts the tailer binary with the test's servers and `args`.
+    pub fn tailer(&self, args: &[&str]) -> Tailer {
+        Tailer::spawn(&self.url, &self.nats.url(), args, self.dir.path())
+    }
+
+    /// Starts the tailer and waits until it holds the default slot.
+    pub async fn streaming(&self, db: &Client, args: &[&str]) -> Tailer {
+        let tailer = self.tailer(args);
+        wait_streaming(db, SLOT, &tailer).await;
+        tailer
+    }
+}
+
+/// The real `outbox-tailer` binary, killed (-9) on drop.
+pub struct Tailer {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Tailer {
+    pub fn spawn(
+        database_url: &str,
+        nats_url: &str,
+        args: &[&str],
+        dir: &std::path::Path,
+    ) -> Tailer {
+        let log = dir.join(format!("tailer-{}.log", fastrand::u64(..)));
+        let out = File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
+            .args(args)
+            .env("DATABASE_URL", database_url)
+            .env("NATS_URL", nats_url)
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info,outbox_tailer=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Tailer { child, log }
+    }
+
+    /// SIGTERM, as a container runtime stops it.
+    pub fn terminate(&self) {
+        outbox_testkit::procfs::terminate(self.child.id());
+    }
+
+    /// kill -9, and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then asserts a clean exit (status 0) within 10 s.
+    pub fn stop_cleanly(&mut self) {
+        self.terminate();
+        let status = self
+            .wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no exit within 10 s of SIGTERM:\n{}", self.output()));
+        assert!(status.success(), "exit status {status}:\n{}", self.output());
+    }
+
+    /// Waits for exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Tailer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the tailer holds the slot (it is streaming).
+pub async fn wait_streaming(db: &Client, slot: &str, tailer: &Tailer) {
+    wait_for(
+        "the tailer to hold the slot",
+        Duration::from_secs(30),
+        || async {
+            let active: Option<bool> = db
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0));
+            assert!(
+                !tailer.output().contains("panicked"),
+                "tailer panicked:\n{}",
+                tailer.output()
+            );
+            (active == Some(true)).then_some(())
+        },
+    )
+    .await
+}
+
+/// Count of messages in the stream (0 while it does not exist).
+pub async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Every message in the stream, in stream order.
+pub async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<jetstream::message::StreamMessage> {
+    let mut s = js.get_stream(stream).await.unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    let mut messages = Vec::with_capacity(state.messages as usize);
+    if state.messages == 0 {
+        return messages;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        messages.push(s.get_raw_message(seq).await.unwrap());
+    }
+    messages
+}
+
+/// Rows by status.
+pub async fn status_counts(db: &Client) -> (i64, i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'published'), \
+                    count(*) FILTER (WHERE status = 'failed') FROM event_outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// Waits until no row is pending and the stream holds `expected` messages.
+pub async fn wait_all_published(
+    db: &Client,
+    js: &jetstream::Context,
+    stream: &str,
+    expected: u64,
+    timeout: Duration,
+) {
+    wait_for(
+        &format!("{expected} events published and marked"),
+        timeout,
+        || async {
+            let (pending, published, _) = status_counts(db).await;
+            let in_stream = stream_count(js, stream).await;
+            (pending == 0 && published as u64 == expected && in_stream >= expected).then_some(())
+        },
+    )
+    .await
+}
+
+/// Inserts `n` events for `aggregate` in one transaction; payload `{"agg", "n"}` from `first`.
+pub async fn insert_events(db: &Client, aggregate: &str, first: i64, n: i64) {
+    try_insert_events(db, aggregate, first, n).await.unwrap();
+}
+
+pub async fn try_insert_events(
+    db: &Client,
+    aggregate: &str,
+    first: i64,
+    n: i64,
+) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'chat', $1, 'message.created', jsonb_build_object('agg', $1::text, 'n', i) \
+         FROM generate_series($2::bigint, $2::bigint + $3::bigint - 1) i",
+        &[&aggregate, &first, &n],
+    )
+    .await
+    .map(drop)
+}
+
+/// Inserts one event of aggregate `aggregate` with a 2 MB payload: over
+/// nats-server's default `max_payload` of 1 MB.
+pub async fn insert_oversized(db: &Client, aggregate: &str) {
+    db.execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('chat', $1, 'message.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024)))",
+        &[&aggregate],
+    )
+    .await
+    .unwrap();
+}
+
+/// The table is the truth (an insert whose reply was lost may still have
+/// committed): waits until every row is published and asserts the stream
+/// holds exactly that many messages, so none is missing or twice.
+pub async fn assert_every_row_published_once(
+    db: &Client,
+    js: &jetstream::Context,
+    stream: &str,
+    timeout: Duration,
+) {
+    let committed: i64 = db
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_all_published(db, js, stream, committed as u64, timeout).await;
+    assert_eq!(
+        stream_count(js, stream).await,
+        committed as u64,
+        "every event once"
+    );
+}
+
+/// Where the stream breaks the commit order of an aggregate: events whose
+/// payload number `n` is not above the one stored before them for the same
+/// `Outbox-Aggregate-Id` (payloads without `n` are skipped).
+pub fn order_breaks(messages: &[jetstream::message::StreamMessage]) -> Vec<String> {
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    let mut breaks = Vec::new();
+    for m in messages {
+        let Some(aggregate) = m.headers.get("Outbox-Aggregate-Id") else {
+            continue;
+        };
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let Some(n) = body["n"].as_i64() else {
+            continue;
+        };
+        if let Some(previous) = last.insert(aggregate.as_str().to_owned(), n) {
+            if previous >= n {
+                breaks.push(format!(
+                    "aggregate {}: {n} after {previous}",
+                    aggregate.as_str()
+                ));
+            }
+        }
+    }
+    breaks
+}

@@ -1,0 +1,437 @@
+//! The schema: `alembic upgrade head` creates exactly the contract (section 1),
+//! every downgrade does what it says and spares `messages`, `sql/schema.sql`
+//! is the same schema, `sql/roles.sql` is least privilege, and the contract's
+//! queries use their indexes.
+
+use outbox_testkit::{alembic, repo_root, PgServer};
+use std::process::Command;
+use tokio_postgres::Client;
+
+const HEAD: &[&str] = &["upgrade", "head"];
+
+/// (column, type, nullable, default) for each column of `table`, in order.
+async fn columns(db: &Client, table: &str) -> Vec<(String, String, bool, Option<String>)> {
+    db.query(
+        "SELECT column_name::text, data_type::text, is_nullable = 'YES', column_default::text \
+         FROM information_schema.columns WHERE table_schema = 'public' AND table_name = $1 \
+         ORDER BY ordinal_position",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+fn col(
+    name: &str,
+    ty: &str,
+    nullable: bool,
+    default: Option<&str>,
+) -> (String, String, bool, Option<String>) {
+    (name.into(), ty.into(), nullable, default.map(Into::into))
+}
+
+async fn strings(db: &Client, sql: &str) -> Vec<String> {
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn tables(db: &Client) -> Vec<String> {
+    strings(
+        db,
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .await
+}
+
+async fn indexes(db: &Client, table: &str) -> Vec<String> {
+    db.query(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = $1 ORDER BY indexname",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn publications(db: &Client) -> Vec<String> {
+    strings(
+        db,
+        "SELECT format('%s ins=%s upd=%s del=%s trunc=%s tables=%s', p.pubname, p.pubinsert, p.pubupdate, \
+         p.pubdelete, p.pubtruncate, (SELECT string_agg(tablename, ',') FROM pg_publication_tables t \
+         WHERE t.pubname = p.pubname)) FROM pg_publication p ORDER BY 1",
+    )
+    .await
+}
+
+/// Asserts the whole contract schema is there, exactly.
+async fn assert_contract_schema(db: &Client) {
+    assert_eq!(
+        tables(db).await,
+        ["alembic_version", "event_logs", "event_outbox", "messages"]
+    );
+
+    let ts = "timestamp with time zone";
+    assert_eq!(
+        columns(db, "messages").await,
+        vec![
+            col("id", "uuid", false, Some("gen_random_uuid()")),
+            col("project_id", "uuid", false, None),
+            col("user_id", "uuid", false, None),
+            col("role", "text", false, None),
+            col("content", "text", false, None),
+            col("created_at", ts, false, Some("now()")),
+        ]
+    );
+    assert_eq!(
+        columns(db, "event_outbox").await,
+        vec![
+            col("id", "uuid", false, Some("gen_random_uuid()")),
+            col("aggregate_type", "text", false, None),
+            col("aggregate_id", "text", false, None),
+            col("user_id", "uuid", true, None),
+            col("project_id", "uuid", true, None),
+            col("event_type", "text", false, None),
+            col("payload", "jsonb", false, None),
+            col("status", "text", false, Some("'pending'::text")),
+            col("retry_count", "integer", false, Some("0")),
+            col("next_retry_at", ts, false, Some("now()")),
+            col("created_at", ts, false, Some("now()")),
+            col("published_at", ts, true, None),
+            col("last_error", "text", true, None),
+        ]
+    );
+    assert_eq!(
+        columns(db, "event_logs").await,
+        vec![
+            col("event_id", "uuid", false, None),
+            col("aggregate_type", "text", false, None),
+            col("aggregate_id", "text", false, None),
+            col("user_id", "uuid", true, None),
+            col("project_id", "uuid", true, None),
+            col("event_type", "text", false, None),
+            col("payload", "jsonb", false, None),
+            col("created_at", ts, false, None),
+            col("published_at", ts, false, None),
+        ]
+    );
+
+    assert_eq!(
+        indexes(db, "event_outbox").await,
+        [
+            "CREATE UNIQUE INDEX event_outbox_pkey ON public.event_outbox USING btree (id)",
+            "CREATE INDEX ix_event_outbox_aggregate_id_created_at ON public.event_outbox USING btree (aggregate_id, created_at)",
+            "CREATE INDEX ix_event_outbox_project_id_created_at ON public.event_outbox USING btree (project_id, created_at)",
+            "CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON public.event_outbox USING btree (status, next_retry_at, created_at)",
+            "CREATE INDEX ix_event_outbox_user_id_created_at ON public.event_outbox USING btree (user_id, created_at)",
+        ]
+    );
+    assert_eq!(
+        indexes(db, "event_logs").await,
+        [
+            "CREATE UNIQUE INDEX event_logs_pkey ON public.event_logs USING btree (event_id)",
+            "CREATE INDEX ix_event_logs_aggregate_id_created_at ON public.event_logs USING btree (aggregate_id, created_at)",
+            "CREATE INDEX ix_event_logs_project_id_created_at ON public.event_logs USING btree (project_id, created_at)",
+            "CREATE INDEX ix_event_logs_user_id_created_at ON public.event_logs USING btree (user_id, created_at)",
+        ]
+    );
+    assert_eq!(
+        indexes(db, "messages").await,
+        ["CREATE UNIQUE INDEX messages_pkey ON public.messages USING btree (id)"]
+    );
+
+    let checks = strings(
+        db,
+        "SELECT conname || ': ' || pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid = 'event_outbox'::regclass AND contype = 'c'",
+    )
+    .await;
+    assert_eq!(
+        checks,
+        ["ck_event_outbox_status: CHECK ((status = ANY (ARRAY['pending'::text, 'published'::text, 'failed'::text])))"]
+    );
+    // The check really bites.
+    let bad = db
+        .execute(
+            "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status) \
+             VALUES ('chat', 'c', 'x', '{}', 'sent')",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        bad.unwrap_err().code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+    );
+
+    assert_eq!(
+        publications(db).await,
+        ["event_outbox_pub ins=t upd=f del=f trunc=f tables=event_outbox"]
+    );
+}
+
+/// A fresh database on a fresh server.
+async fn fresh(name: &str) -> (PgServer, String, Client) {
+    let pg = PgServer::start().expect("start postgres");
+    let url = pg.create_database(name).await.unwrap();
+    let db = pg.connect(name).await.unwrap();
+    (pg, url, db)
+}
+
+/// Every column of every message, in a fixed order, as text.
+async fn message_rows(db: &Client) -> Vec<String> {
+    strings(db, "SELECT m::text FROM messages m ORDER BY id").await
+}
+
+#[tokio::test]
+async fn upgrade_head_creates_exactly_the_contract() {
+    let (_pg, url, db) = fresh("chat").await;
+    alembic(&url, HEAD).unwrap();
+    assert_contract_schema(&db).await;
+    let version = strings(&db, "SELECT version_num::text FROM alembic_version").await;
+    assert_eq!(version, ["0003_event_logs"]);
+}
+
+#[tokio::test]
+async fn downgrades_drop_only_their_own_objects_and_keep_messages() {
+    let (_pg, url, db) = fresh("chat").await;
+    alembic(&url, HEAD).unwrap();
+    db.batch_execute(
+        "INSERT INTO messages (project_id, user_id, role, content) \
+           SELECT gen_random_uuid(), gen_random_uuid(), 'user', 'message ' || i FROM generate_series(1, 500) i; \
+         INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+           SELECT 'chat', id::text, 'message.created', jsonb_build_object('id', id) FROM messages; \
+         INSERT INTO event_logs (event_id, aggregate_type, aggregate_id, event_type, payload, created_at, published_at) \
+           SELECT id, aggregate_type, aggregate_id, event_type, payload, created_at, now() FROM event_outbox",
+    )
+    .await
+    .unwrap();
+    let before = message_rows(&db).await;
+    assert_eq!(before.len(), 500);
+
+    // -1 from head: only event_logs and its indexes go.
+    alembic(&url, &["downgrade", "-1"]).unwrap();
+    assert_eq!(
+        tables(&db).await,
+        ["alembic_version", "event_outbox", "messages"]
+    );
+    assert_eq!(indexes(&db, "event_logs").await, Vec::<String>::new());
+    assert_eq!(indexes(&db, "event_outbox").await.len(), 5);
+    assert_eq!(publications(&db).await.len(), 1);
+    let outbox: i64 = db
+        .query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox, 500, "dropping event_logs leaves the outbox alone");
+    assert_eq!(message_rows(&db).await, before);
+
+    // To the base revision: the outbox, its indexes and the publication go.
+    alembic(&url, &["downgrade", "0001_messages"]).unwrap();
+    assert_eq!(tables(&db).await, ["alembic_version", "messages"]);
+    assert_eq!(indexes(&db, "event_outbox").await, Vec::<String>::new());
+    assert_eq!(publications(&db).await, Vec::<String>::new());
+    assert_eq!(
+        message_rows(&db).await,
+        before,
+        "every messages row is as it was"
+    );
+
+    // And back up: the full contract again, the messages untouched.
+    alembic(&url, HEAD).unwrap();
+    assert_contract_schema(&db).await;
+    assert_eq!(message_rows(&db).await, before);
+
+    // Only the base revision's own downgrade drops messages.
+    alembic(&url, &["downgrade", "base"]).unwrap();
+    assert_eq!(tables(&db).await, ["alembic_version"]);
+}
+
+/// `pg_dump --schema-only` of a database, without Alembic's bookkeeping.
+fn dump(pg: &PgServer, url: &str) -> String {
+    let output = Command::new(pg.bin("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--exclude-table=alembic_version",
+            url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // pg_dump brackets its output with a random \restrict key: not schema.
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with("\\restrict") && !line.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn psql_file(pg: &PgServer, url: &str, file: &str) {
+    let output = Command::new(pg.bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-f"])
+        .arg(repo_root().join(file))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn sql_schema_is_the_same_schema_as_alembic_head() {
+    let pg = PgServer::start().unwrap();
+    let by_alembic = pg.create_database("by_alembic").await.unwrap();
+    let by_sql = pg.create_database("by_sql").await.unwrap();
+    alembic(&by_alembic, HEAD).unwrap();
+    psql_file(&pg, &by_sql, "sql/schema.sql");
+
+    let (a, b) = (dump(&pg, &by_alembic), dump(&pg, &by_sql));
+    assert!(
+        a.contains("CREATE TABLE public.event_outbox"),
+        "the dump must hold the schema:\n{a}"
+    );
+    assert!(
+        a.contains("CREATE PUBLICATION event_outbox_pub"),
+        "the dump must hold the publication:\n{a}"
+    );
+    if a != b {
+        let diff: Vec<String> = a
+            .lines()
+            .zip(b.lines())
+            .filter(|(x, y)| x != y)
+            .take(10)
+            .map(|(x, y)| format!("alembic: {x}\n    sql: {y}"))
+            .collect();
+        panic!(
+            "sql/schema.sql differs from alembic head:\n{}",
+            diff.join("\n")
+        );
+    }
+}
+
+#[tokio::test]
+async fn roles_sql_grants_the_tailer_only_what_it_needs() {
+    let (pg, url, admin) = fresh("chat").await;
+    psql_file(&pg, &url, "sql/schema.sql");
+    psql_file(&pg, &url, "sql/roles.sql");
+    psql_file(&pg, &url, "sql/roles.sql"); // idempotent
+
+    let attrs = strings(&admin, "SELECT format('%s %s %s', rolcanlogin, rolreplication, rolsuper) FROM pg_roles WHERE rolname = 'outbox_tailer'").await;
+    assert_eq!(attrs, ["t t f"]);
+    admin
+        .batch_execute("INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('chat', 'c1', 'message.created', '{}')")
+        .await
+        .unwrap();
+
+    let (tailer, connection) =
+        tokio_postgres::connect(&pg.url_as("outbox_tailer", "chat"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let allowed = [
+        "SELECT id, payload, status FROM event_outbox",
+        "UPDATE event_outbox SET status = 'published', published_at = now(), retry_count = retry_count + 1, \
+         next_retry_at = now(), last_error = 'x' WHERE aggregate_id = 'c1'",
+        "INSERT INTO event_logs (event_id, aggregate_type, aggregate_id, event_type, payload, created_at, published_at) \
+         SELECT id, aggregate_type, aggregate_id, event_type, payload, created_at, published_at FROM event_outbox \
+         ON CONFLICT DO NOTHING",
+        "SELECT count(*) FROM event_logs",
+        "SELECT pg_current_wal_lsn()",
+    ];
+    for sql in allowed {
+        tailer
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let denied = [
+        "SELECT * FROM messages",
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('a', 'b', 'c', '{}')",
+        "UPDATE event_outbox SET payload = '{}'",
+        "DELETE FROM event_outbox",
+        "DELETE FROM event_logs",
+        "UPDATE event_logs SET payload = '{}'",
+        "TRUNCATE event_outbox",
+    ];
+    for sql in denied {
+        let error = tailer.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {error}"
+        );
+    }
+}
+
+/// The plan of `sql`, as text.
+async fn plan(db: &Client, sql: &str) -> String {
+    strings(db, &format!("EXPLAIN {sql}")).await.join("\n")
+}
+
+#[tokio::test]
+async fn contract_queries_use_their_indexes_on_a_realistic_table() {
+    let (_pg, url, db) = fresh("chat").await;
+    alembic(&url, HEAD).unwrap();
+    // 60,000 events over 200 chats, 100 projects, 500 users, spread over a
+    // day; 98% published, the rest pending (some due, some backing off).
+    db.batch_execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, user_id, project_id, event_type, payload, \
+                                   status, published_at, created_at, next_retry_at) \
+         SELECT 'chat', 'chat-' || (i % 200), \
+                md5('u' || (i % 500))::uuid, md5('p' || (i % 100))::uuid, 'message.created', \
+                jsonb_build_object('n', i, 'content', repeat('x', 200)), \
+                CASE WHEN i % 50 = 0 THEN 'pending' ELSE 'published' END, \
+                CASE WHEN i % 50 = 0 THEN NULL ELSE now() END, \
+                now() - make_interval(secs => 86400 - i), \
+                now() - make_interval(secs => 86400 - i) + CASE WHEN i % 100 = 0 THEN interval '1 hour' ELSE interval '0' END \
+         FROM generate_series(1, 60000) i; \
+         ANALYZE event_outbox",
+    )
+    .await
+    .unwrap();
+
+    let cases = [
+        (
+            "SELECT id FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
+             ORDER BY next_retry_at, created_at LIMIT 100",
+            "ix_event_outbox_status_next_retry_at_created_at",
+        ),
+        (
+            "SELECT * FROM event_outbox WHERE aggregate_id = 'chat-7' ORDER BY created_at DESC LIMIT 50",
+            "ix_event_outbox_aggregate_id_created_at",
+        ),
+        (
+            "SELECT * FROM event_outbox WHERE project_id = md5('p7')::uuid ORDER BY created_at DESC LIMIT 50",
+            "ix_event_outbox_project_id_created_at",
+        ),
+        (
+            "SELECT * FROM event_outbox WHERE user_id = md5('u7')::uuid ORDER BY created_at DESC LIMIT 50",
+            "ix_event_outbox_user_id_created_at",
+        ),
+    ];
+    for (sql, index) in cases {
+        let plan = plan(&db, sql).await;
+        assert!(plan.contains(index), "{sql}\nshould use {index}:\n{plan}");
+        assert!(
+            !plan.contains("Seq Scan"),
+            "{sql}\nmust not scan the table:\n{plan}"
+        );
+        // The index delivers the order: no sort of the matching rows.
+        assert!(!plan.contains("Sort"), "{sql}\nmust not sort:\n{plan}");
+    }
+}

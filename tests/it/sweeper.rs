@@ -1,0 +1,238 @@
+//! The catch-up sweeper and requeue: pending rows the stream will never
+//! deliver get published, once, without racing the stream.
+
+use crate::common::*;
+use std::process::Command;
+use std::time::Duration;
+
+async fn committed(db: &tokio_postgres::Client) -> u64 {
+    db.query_one("SELECT count(*) FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_from_before_the_slot_are_swept_without_racing_the_stream() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    // Written before any slot exists: the stream will never deliver them.
+    for n in 0..6 {
+        insert_events(&db, "before-slot", n * 100, 100).await;
+    }
+    let tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    // Live traffic while the sweeper works.
+    let load = Load::start(&env.url, LoadOptions::new("live"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(load.stop().await > 0);
+
+    let js = env.js().await;
+    let total = committed(&db).await;
+    wait_all_published(&db, &js, STREAM, total, Duration::from_secs(60)).await;
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        total,
+        "every row once: nothing published by both"
+    );
+    assert!(
+        tailer.output().contains("sweeper published"),
+        "{}",
+        tailer.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_stopped_loses_nothing() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let js = env.js().await;
+    let mut tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    insert_events(&db, "first", 0, 100).await;
+    wait_all_published(&db, &js, STREAM, 100, Duration::from_secs(30)).await;
+    tailer.stop_cleanly();
+
+    // Pending rows, then the slot is lost (dropped, or invalidated and recreated).
+    insert_events(&db, "while-stopped", 0, 250).await;
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT])
+        .await
+        .unwrap();
+
+    let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    insert_events(&db, "after", 0, 50).await;
+    wait_all_published(&db, &js, STREAM, 400, Duration::from_secs(60)).await;
+    assert_eq!(stream_count(&js, STREAM).await, 400);
+}
+
+/// The sweeper records failures on its rows as the stream does: an event no
+/// retry can send becomes a dead letter at once, and the rest of its batch is
+/// published (it used to fail the whole batch, sweep after sweep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swept_event_no_retry_can_send_is_a_dead_letter_and_holds_nothing_back() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    insert_events(&db, "before-a", 0, 10).await;
+    insert_oversized(&db, "big").await;
+    insert_events(&db, "before-b", 0, 10).await;
+    let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    let js = env.js().await;
+    wait_for(
+        "the sweep to settle every row",
+        Duration::from_secs(30),
+        || async { (status_counts(&db).await == (0, 20, 1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(stream_count(&js, STREAM).await, 20);
+    let row = db
+        .query_one(
+            "SELECT status, retry_count, last_error FROM event_outbox WHERE aggregate_id = 'big'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, &str>(0), row.get::<_, i32>(1)), ("failed", 1));
+    assert!(
+        row.get::<_, Option<&str>>(2)
+            .is_some_and(|e| e.contains("payload")),
+        "{:?}",
+        row.get::<_, Option<&str>>(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeued_events_are_published_again() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    // Dead letters that never reached the stream (written before the slot).
+    db.batch_execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, retry_count, last_error) \
+         SELECT 'chat', 'dead-' || i, CASE WHEN i <= 3 THEN 'kept.type' ELSE 'other.type' END, '{}', 'failed', 10, 'rejected' \
+         FROM generate_series(1, 6) i",
+    )
+    .await
+    .unwrap();
+    let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    let requeue = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
+            .arg("requeue")
+            .args(args)
+            .env("DATABASE_URL", &env.url)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let one: uuid::Uuid = db
+        .query_one(
+            "SELECT id FROM event_outbox WHERE aggregate_id = 'dead-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(requeue(&["--id", &one.to_string()]).contains("requeued 1 failed events"));
+    assert!(requeue(&["--event-type", "kept.type"]).contains("requeued 2 failed events"));
+    let js = env.js().await;
+    wait_for(
+        "the requeued events in the stream",
+        Duration::from_secs(30),
+        || async { (stream_count(&js, STREAM).await == 3).then_some(()) },
+    )
+    .await;
+    let row = db
+        .query_one(
+            "SELECT status, retry_count, last_error FROM event_outbox WHERE id = $1",
+            &[&one],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, &str>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<&str>>(2)
+        ),
+        ("published", 0, Some("rejected")),
+        "published with a fresh retry budget; last_error kept for audit"
+    );
+    assert!(requeue(&["--all"]).contains("requeued 3 failed events"));
+    wait_all_published(&db, &js, STREAM, 6, Duration::from_secs(30)).await;
+    assert_eq!(stream_count(&js, STREAM).await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_reported_and_its_recovery_loses_nothing() {
+    let env = Env::start_with(
+        outbox_testkit::PgServer::builder()
+            .setting("max_slot_wal_keep_size", "1MB")
+            .setting("wal_keep_size", "0"),
+    )
+    .await;
+    let db = env.db().await;
+    let js = env.js().await;
+    let mut tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    insert_events(&db, "first", 0, 100).await;
+    wait_all_published(&db, &js, STREAM, 100, Duration::from_secs(30)).await;
+    tailer.stop_cleanly();
+
+    // While it is stopped: pending events, then WAL until the server gives up on the slot.
+    insert_events(&db, "while-stopped", 0, 200).await;
+    wait_for("the slot to be invalidated", Duration::from_secs(120), || async {
+        db.batch_execute(
+            "INSERT INTO messages (project_id, user_id, role, content) \
+             SELECT gen_random_uuid(), gen_random_uuid(), 'user', repeat(md5(i::text), 60) FROM generate_series(1, 5000) i; \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        let status: String = db
+            .query_one("SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT])
+            .await
+            .unwrap()
+            .get(0);
+        (status == "lost").then_some(())
+    })
+    .await;
+
+    let port = outbox_testkit::free_port().unwrap();
+    let tailer = env.tailer(&[
+        "run",
+        "--sweep-min-age",
+        "0",
+        "--stats-interval",
+        "0.2",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    wait_for(
+        "the invalidation to be reported",
+        Duration::from_secs(30),
+        || async {
+            let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (tailer.output().contains("was invalidated by the server")
+                && scrape.contains("outbox_slot_lost 1"))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // The runbook: drop the slot; the tailer recreates it and sweeps.
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT])
+        .await
+        .unwrap();
+    wait_streaming(&db, SLOT, &tailer).await;
+    wait_all_published(&db, &js, STREAM, 300, Duration::from_secs(60)).await;
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        300,
+        "nothing lost, nothing twice"
+    );
+}
