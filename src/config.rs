@@ -2,9 +2,11 @@
 //! validation into one [`Config`]. Every flag has an environment variable and
 //! flags win; flags may stand before or after the subcommand.
 
+use crate::tls::postgres::{split_tls_params, PgTls};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use uuid::Uuid;
 
@@ -62,10 +64,10 @@ pub enum LogFormat {
 /// No `Debug`: it would print secrets; the validated [`Config`] redacts them.
 #[derive(Args, Clone)]
 pub struct Options {
-    /// PostgreSQL URL (libpq form, postgresql://user:pass@host:port/db) of a role with REPLICATION.
+    /// PostgreSQL URL (libpq form, postgresql://user:pass@host:port/db?sslmode=verify-full&sslrootcert=ca.pem) of a role with REPLICATION; or DATABASE_URL_FILE.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
-    /// NATS server URL.
+    /// NATS server URL(s), comma-separated; tls:// requires TLS.
     #[arg(
         long,
         env = "NATS_URL",
@@ -74,6 +76,30 @@ pub struct Options {
         hide_env_values = true
     )]
     pub nats_url: String,
+    /// NATS user, with --nats-password (also accepted as nats://user:pass@host).
+    #[arg(long, env = "NATS_USER", global = true)]
+    pub nats_user: Option<String>,
+    /// NATS password; or NATS_PASSWORD_FILE.
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token (also accepted as nats://token@host); or NATS_TOKEN_FILE.
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// Path of a NATS .creds file (user JWT and nkey seed).
+    #[arg(long, env = "NATS_CREDS", global = true, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// Path of a file holding an nkey seed.
+    #[arg(long, env = "NATS_NKEY", global = true, value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+    /// PEM file of CAs to trust for NATS (default: the system's); implies TLS.
+    #[arg(long, env = "NATS_CA", global = true, value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS to NATS, with --nats-tls-key.
+    #[arg(long, env = "NATS_CERT", global = true, value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "NATS_KEY", global = true, value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
     /// Logical replication slot (pgoutput), created if missing.
     #[arg(
         long,
@@ -165,15 +191,75 @@ pub enum ConfigError {
     BadStatsInterval(f64),
     #[error("--sweep-min-age {0} is not a number of seconds between 0 and 86400")]
     BadSweepMinAge(f64),
+    #[error("--database-url: {0}")]
+    DatabaseTls(String),
+    #[error("cannot read {var} {path}: {reason}")]
+    SecretFile {
+        var: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("give one NATS credential: --nats-user with --nats-password, --nats-token, --nats-creds or --nats-nkey (given: {0})")]
+    NatsCredentials(String),
+    #[error("--nats-tls-cert and --nats-tls-key go together: give both, or neither")]
+    NatsClientCert,
+}
+
+/// How the tailer authenticates to NATS. Its `Debug` never shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum NatsAuth {
+    None,
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Token(String),
+    /// A `.creds` file: the user's JWT and nkey seed.
+    Creds(PathBuf),
+    /// A file holding an nkey seed.
+    Nkey(PathBuf),
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::Creds(path) => write!(f, "Creds({})", path.display()),
+            NatsAuth::Nkey(path) => write!(f, "Nkey({})", path.display()),
+        }
+    }
+}
+
+/// TLS to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NatsTls {
+    /// A `tls://` URL or any TLS flag: plaintext is refused.
+    pub(crate) required: bool,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Servers and credentials from `--nats-url` and the `--nats-*` flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NatsConfig {
+    /// Seed URLs without credentials (the client ignores embedded ones).
+    pub(crate) servers: Vec<String>,
+    pub(crate) auth: NatsAuth,
+    pub(crate) tls: NatsTls,
 }
 
 /// The validated configuration. Its `Debug` never shows passwords.
 #[derive(Clone)]
 pub struct Config {
-    /// Parsed as libpq would; the original text is kept for messages (redacted).
+    /// Parsed as libpq would (TLS parameters taken out into `pg_tls`); the
+    /// original text is kept for messages (redacted).
     pub database: tokio_postgres::Config,
     pub database_url: String,
+    pub(crate) pg_tls: PgTls,
     pub nats_url: String,
+    pub(crate) nats: NatsConfig,
     pub slot: String,
     pub publication: String,
     pub stream: String,
@@ -190,7 +276,9 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
+            .field("pg_tls", &self.pg_tls)
             .field("nats_url", &redact_url(&self.nats_url))
+            .field("nats", &self.nats)
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("stream", &self.stream)
@@ -207,12 +295,28 @@ impl fmt::Debug for Config {
 
 impl Config {
     pub fn from_options(options: &Options) -> Result<Config, ConfigError> {
-        let database_url = options
-            .database_url
-            .clone()
+        Config::from_options_and_env(options, |name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::from_options`], with the environment given (for the
+    /// `*_FILE` secret variables).
+    fn from_options_and_env(
+        options: &Options,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let database_url = secret(options.database_url.clone(), "DATABASE_URL_FILE", &env)?
             .filter(|u| !u.trim().is_empty())
             .ok_or(ConfigError::MissingDatabaseUrl)?;
-        let database = parse_database_url(&database_url)?;
+        let (libpq_rest, pg_tls) =
+            split_tls_params(&database_url).map_err(ConfigError::DatabaseTls)?;
+        let mut database = parse_database_url(&libpq_rest).map_err(|error| match error {
+            ConfigError::MalformedDatabaseUrl { reason, .. } => ConfigError::MalformedDatabaseUrl {
+                url: redact_url(&database_url),
+                reason,
+            },
+            other => other,
+        })?;
+        database.ssl_mode(pg_tls.mode.for_tokio_postgres());
         if !valid_nats_url(&options.nats_url) {
             return Err(ConfigError::MalformedNatsUrl {
                 url: redact_url(&options.nats_url),
@@ -247,10 +351,13 @@ impl Config {
             .metrics_addr
             .parse()
             .map_err(|_| ConfigError::BadMetricsAddr(options.metrics_addr.clone()))?;
+        let nats = nats_config(options, &env)?;
         Ok(Config {
             database,
             database_url,
+            pg_tls,
             nats_url: options.nats_url.clone(),
+            nats,
             slot: options.slot.clone(),
             publication: options.publication.clone(),
             stream: options.stream.clone(),
@@ -263,6 +370,101 @@ impl Config {
             log_format: options.log_format,
         })
     }
+}
+
+/// A secret from its flag or variable, else from the file `file_var` names
+/// (the container convention), without its trailing newline.
+fn secret(
+    value: Option<String>,
+    file_var: &'static str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    if value.as_deref().is_some_and(|v| !v.is_empty()) {
+        return Ok(value);
+    }
+    let Some(path) = env(file_var).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::SecretFile {
+        var: file_var,
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(Some(text.strip_suffix('\r').unwrap_or(text).to_owned()))
+}
+
+/// Seed servers, one credential and TLS for NATS. Credentials in the URL
+/// count only when no flag gives one.
+fn nats_config(
+    options: &Options,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<NatsConfig, ConfigError> {
+    let password = secret(options.nats_password.clone(), "NATS_PASSWORD_FILE", env)?;
+    let token = secret(options.nats_token.clone(), "NATS_TOKEN_FILE", env)?;
+    let mut given = Vec::new();
+    let mut auth = NatsAuth::None;
+    if options.nats_user.is_some() || password.is_some() {
+        given.push("user/password");
+        auth = NatsAuth::UserPassword {
+            user: options.nats_user.clone().unwrap_or_default(),
+            password: password.unwrap_or_default(),
+        };
+    }
+    if let Some(token) = token {
+        given.push("token");
+        auth = NatsAuth::Token(token);
+    }
+    if let Some(path) = &options.nats_creds {
+        given.push("creds");
+        auth = NatsAuth::Creds(path.clone());
+    }
+    if let Some(path) = &options.nats_nkey {
+        given.push("nkey");
+        auth = NatsAuth::Nkey(path.clone());
+    }
+    if given.len() > 1 {
+        return Err(ConfigError::NatsCredentials(given.join(", ")));
+    }
+    let mut servers = Vec::new();
+    let mut tls_url = false;
+    for server in options
+        .nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (scheme, rest) = server.split_once("://").unwrap_or(("nats", server));
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, rest),
+        };
+        if given.is_empty() {
+            match userinfo.map(|u| u.split_once(':')) {
+                Some(Some((user, password))) => {
+                    auth = NatsAuth::UserPassword {
+                        user: user.to_owned(),
+                        password: password.to_owned(),
+                    }
+                }
+                Some(None) => auth = NatsAuth::Token(userinfo.unwrap_or_default().to_owned()),
+                None => {}
+            }
+        }
+        tls_url |= scheme == "tls";
+        servers.push(format!("{scheme}://{host}"));
+    }
+    let client_cert = match (&options.nats_tls_cert, &options.nats_tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => return Err(ConfigError::NatsClientCert),
+    };
+    let tls = NatsTls {
+        required: tls_url || options.nats_tls_ca.is_some() || client_cert.is_some(),
+        ca: options.nats_tls_ca.clone(),
+        client_cert,
+    };
+    Ok(NatsConfig { servers, auth, tls })
 }
 
 /// Parses a libpq URL or key=value string; the error never echoes a password.
@@ -354,6 +556,142 @@ mod tests {
 
     fn options(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("outbox-tailer").chain(args.iter().copied()))
+    }
+
+    fn config_with(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut all = vec!["--database-url", "postgresql://u@h/db"];
+        all.extend_from_slice(args);
+        let cli = options(&all).unwrap();
+        Config::from_options_and_env(&cli.options, |name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn nats_credentials_come_out_of_the_url_unless_a_flag_gives_one() {
+        let config = config_with(
+            &[
+                "--nats-url",
+                "nats://alice:s3cret@10.0.0.1:4222, nats://10.0.0.2:4222",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            config.nats.servers,
+            ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert_eq!(
+            config.nats.auth,
+            NatsAuth::UserPassword {
+                user: "alice".into(),
+                password: "s3cret".into()
+            }
+        );
+        assert!(!config.nats.tls.required);
+        let config = config_with(&["--nats-url", "tls://t0ken@nats.internal:4222"], &[]).unwrap();
+        assert_eq!(config.nats.servers, ["tls://nats.internal:4222"]);
+        assert_eq!(config.nats.auth, NatsAuth::Token("t0ken".into()));
+        assert!(config.nats.tls.required, "tls:// requires TLS");
+        let config = config_with(
+            &[
+                "--nats-url",
+                "nats://old@h:4222",
+                "--nats-nkey",
+                "/run/secrets/seed",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.nats.auth, NatsAuth::Nkey("/run/secrets/seed".into()));
+        assert_eq!(
+            config_with(&["--nats-url", "127.0.0.1:4222"], &[])
+                .unwrap()
+                .nats
+                .servers,
+            ["nats://127.0.0.1:4222"]
+        );
+    }
+
+    #[test]
+    fn one_nats_credential_at_a_time_and_a_client_cert_with_its_key() {
+        let error =
+            config_with(&["--nats-token", "t", "--nats-creds", "/c.creds"], &[]).unwrap_err();
+        assert!(error.to_string().contains("given: token, creds"), "{error}");
+        let error = config_with(&["--nats-tls-cert", "/c.pem"], &[]).unwrap_err();
+        assert!(matches!(error, ConfigError::NatsClientCert), "{error}");
+        let config = config_with(&["--nats-tls-ca", "/ca.pem"], &[]).unwrap();
+        assert!(config.nats.tls.required, "a CA implies TLS");
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_newline() {
+        let dir = std::env::temp_dir().join(format!("secret-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("password");
+        std::fs::write(&password, "pa55word\n").unwrap();
+        let url = dir.join("url");
+        std::fs::write(&url, "postgresql://u:pw@db:5433/chat\n").unwrap();
+        let cli = options(&["--nats-user", "alice"]).unwrap();
+        let config = Config::from_options_and_env(&cli.options, |name| match name {
+            "DATABASE_URL_FILE" => Some(url.display().to_string()),
+            "NATS_PASSWORD_FILE" => Some(password.display().to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(config.database.get_ports(), [5433]);
+        assert_eq!(
+            config.nats.auth,
+            NatsAuth::UserPassword {
+                user: "alice".into(),
+                password: "pa55word".into()
+            }
+        );
+        let error = config_with(&[], &[("NATS_TOKEN_FILE", "/nonexistent/token")]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot read NATS_TOKEN_FILE /nonexistent/token"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn libpq_tls_parameters_reach_both_connections() {
+        let cli = options(&[
+            "--database-url",
+            "postgresql://u@db/chat?sslmode=verify-full&sslrootcert=/ca.pem",
+        ])
+        .unwrap();
+        let config = Config::from_options(&cli.options).unwrap();
+        assert_eq!(
+            config.pg_tls.mode,
+            crate::tls::postgres::SslMode::VerifyFull
+        );
+        assert_eq!(
+            config.database.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let cli = options(&["--database-url", "postgresql://u@db/chat?sslmode=sometimes"]).unwrap();
+        let error = Config::from_options(&cli.options).unwrap_err().to_string();
+        assert!(
+            error.starts_with("--database-url: sslmode=sometimes"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_nats_secrets() {
+        for args in [
+            &["--nats-password", "pw-s3cret", "--nats-user", "u"][..],
+            &["--nats-token", "tok-s3cret"],
+        ] {
+            let text = format!("{:?}", config_with(args, &[]).unwrap());
+            assert!(!text.contains("s3cret"), "{text}");
+        }
     }
 
     #[test]

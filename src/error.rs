@@ -25,6 +25,13 @@ pub enum Error {
     Database(#[from] tokio_postgres::Error),
     #[error("NATS: {0}")]
     Nats(String),
+    /// NATS refused the credentials, or TLS to it failed: retrying with the
+    /// same settings cannot help.
+    #[error("NATS: {0}")]
+    NatsRefused(String),
+    /// TLS to PostgreSQL failed on certificates or settings, not the network.
+    #[error("PostgreSQL TLS: {0}")]
+    PostgresTls(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// A stage's channel closed: the stage behind it failed (its own error says why).
@@ -49,7 +56,11 @@ impl Error {
             // Reported every attempt, and recovered from by itself once the
             // operator drops the invalidated slot.
             Error::Setup(SetupError::SlotLost(_)) => Action::Retry,
-            Error::Setup(_) | Error::Decode(_) | Error::Internal(_) => Action::Stop,
+            Error::Setup(_)
+            | Error::Decode(_)
+            | Error::Internal(_)
+            | Error::NatsRefused(_)
+            | Error::PostgresTls(_) => Action::Stop,
             Error::Nats(_) | Error::Unavailable(_) | Error::PipelineClosed => Action::Retry,
             Error::Database(error) => match error.code() {
                 // Lost privileges or a dropped table will not fix themselves.

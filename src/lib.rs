@@ -15,6 +15,8 @@
 //!   their validation into one [`config::Config`].
 //! - [`outbox`]: the `event_outbox` table: batched status writes, failed
 //!   attempts, the replay check and the catch-up sweeper.
+//! - [`tls`]: TLS on one crypto provider: libpq's `sslmode` for both
+//!   PostgreSQL connections, verifiers, readable handshake errors.
 //! - [`event`]: the one domain type, an outbox row; [`pgtime`]: PostgreSQL's
 //!   time unit.
 //!
@@ -42,6 +44,7 @@
 pub mod app;
 pub mod config;
 pub mod shutdown;
+pub mod tls;
 
 mod backoff;
 mod error;

@@ -12,6 +12,8 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
+    // One rustls provider for every TLS connection, before any is configured.
+    outbox_tailer::tls::install_crypto_provider();
     let cli = Cli::parse();
     init_logging(cli.options.log_format);
     let config = match Config::from_options(&cli.options) {

@@ -1,6 +1,6 @@
 //! The NATS connection, the JetStream context and the stream.
 
-use crate::config::Config;
+use crate::config::{Config, NatsAuth};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
@@ -14,59 +14,66 @@ pub(crate) const PUBLISH_WINDOW: usize = 4096;
 /// JetStream de-duplicates repeats of a `Nats-Msg-Id` within this window.
 pub(crate) const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// Servers and credentials from `--nats-url`. The client ignores credentials
-/// embedded in a URL, so they are taken out and passed as options.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct NatsTarget {
-    pub servers: Vec<String>,
-    pub user_password: Option<(String, String)>,
-    pub token: Option<String>,
-}
-
-impl NatsTarget {
-    pub(crate) fn parse(url: &str) -> NatsTarget {
-        let mut target = NatsTarget {
-            servers: Vec::new(),
-            user_password: None,
-            token: None,
-        };
-        for server in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (scheme, rest) = server.split_once("://").unwrap_or(("nats", server));
-            let (userinfo, host) = match rest.rsplit_once('@') {
-                Some((userinfo, host)) => (Some(userinfo), host),
-                None => (None, rest),
-            };
-            match userinfo.map(|u| u.split_once(':')) {
-                Some(Some((user, password))) => {
-                    target.user_password = Some((user.to_owned(), password.to_owned()))
-                }
-                Some(None) => target.token = userinfo.map(str::to_owned),
-                None => {}
-            }
-            target.servers.push(format!("{scheme}://{host}"));
-        }
-        target
-    }
-}
-
-/// Connects in the background: an unreachable server is not fatal, the
-/// client keeps trying, and publishing waits for it. The receiver counts
-/// the connections made: each (re)connect bumps it.
+/// Connects. The first attempt settles what retrying cannot fix: refused
+/// credentials or a failed TLS verification are an error (the caller stops
+/// with one line). An unreachable server is not: the client then connects in
+/// the background, keeps trying, and publishing waits for it. The receiver
+/// counts the connections made: each (re)connect bumps it.
 pub(crate) async fn connect(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<(async_nats::Client, watch::Receiver<u64>), Error> {
-    let target = NatsTarget::parse(&config.nats_url);
     let (connects_tx, connects) = watch::channel(0u64);
     let connects_tx = Arc::new(connects_tx);
+    let servers = config.nats.servers.clone();
+    let first = options(config, metrics.clone(), connects_tx.clone())
+        .await?
+        .connect(servers.clone())
+        .await;
+    let error = match first {
+        Ok(client) => return Ok((client, connects)),
+        Err(error) => error,
+    };
+    if let Some(refused) = refusal(&error) {
+        return Err(Error::NatsRefused(refused));
+    }
+    tracing::warn!(%error, "NATS unreachable; connecting in the background, publishing waits for it");
+    let client = options(config, metrics, connects_tx)
+        .await?
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .map_err(|e| Error::Nats(format!("cannot connect: {e}")))?;
+    Ok((client, connects))
+}
+
+/// Why NATS refused us for good, or `None` when the failure is the network's.
+fn refusal(error: &async_nats::ConnectError) -> Option<String> {
+    use async_nats::ConnectErrorKind as Kind;
+    match error.kind() {
+        Kind::AuthorizationViolation => Some(format!(
+            "the server refused the credentials ({error}): check --nats-user/--nats-password, --nats-token, --nats-creds or --nats-nkey"
+        )),
+        Kind::Authentication => Some(format!("cannot authenticate: {error}")),
+        Kind::Tls => Some(format!("TLS: {}", crate::tls::describe(error).unwrap_or_else(|| error.to_string()))),
+        _ => crate::tls::describe(error).map(|refused| format!("TLS: {refused}")),
+    }
+}
+
+/// The client's options: name, reconnecting for ever, the credential and
+/// TLS of the configuration, and the state-change callback.
+async fn options(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    connects: Arc<watch::Sender<u64>>,
+) -> Result<async_nats::ConnectOptions, Error> {
     let mut options = async_nats::ConnectOptions::new()
         .name("outbox-tailer")
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let metrics = metrics.clone();
-            let connects = connects_tx.clone();
+            let connects = connects.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -83,17 +90,33 @@ pub(crate) async fn connect(
                 }
             }
         });
-    if let Some((user, password)) = target.user_password {
-        options = options.user_and_password(user, password);
+    options = match &config.nats.auth {
+        NatsAuth::None => options,
+        NatsAuth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => options.token(token.clone()),
+        NatsAuth::Creds(path) => options.credentials_file(path).await.map_err(|e| {
+            Error::NatsRefused(format!("cannot read --nats-creds {}: {e}", path.display()))
+        })?,
+        NatsAuth::Nkey(path) => {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                Error::NatsRefused(format!("cannot read --nats-nkey {}: {e}", path.display()))
+            })?;
+            options.nkey(seed.trim().to_owned())
+        }
+    };
+    let tls = &config.nats.tls;
+    if tls.required {
+        options = options.require_tls(true);
     }
-    if let Some(token) = target.token {
-        options = options.token(token);
+    if let Some(ca) = &tls.ca {
+        options = options.add_root_certificates(ca.clone());
     }
-    let client = options
-        .connect(target.servers)
-        .await
-        .map_err(|e| Error::Nats(format!("cannot connect: {e}")))?;
-    Ok((client, connects))
+    if let Some((cert, key)) = &tls.client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
 }
 
 /// How long a publish waits for its ack.
@@ -143,26 +166,4 @@ pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
             "existing stream's duplicate window is under 2 minutes; repeats after a crash may get through");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::NatsTarget;
-
-    #[test]
-    fn credentials_are_taken_out_of_the_url() {
-        let t = NatsTarget::parse("nats://alice:s3cret@10.0.0.1:4222, nats://10.0.0.2:4222");
-        assert_eq!(t.servers, ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]);
-        assert_eq!(t.user_password, Some(("alice".into(), "s3cret".into())));
-        assert_eq!(t.token, None);
-        let t = NatsTarget::parse("tls://t0ken@nats.internal:4222");
-        assert_eq!(
-            (t.servers[0].as_str(), t.token.as_deref()),
-            ("tls://nats.internal:4222", Some("t0ken"))
-        );
-        assert_eq!(
-            NatsTarget::parse("127.0.0.1:4222").servers,
-            ["nats://127.0.0.1:4222"]
-        );
-    }
 }

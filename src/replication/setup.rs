@@ -46,13 +46,26 @@ pub(crate) async fn connect(config: &Config) -> Result<Client, SetupError> {
         pg.connect_timeout(Duration::from_secs(10));
     }
     pg.application_name("outbox-tailer");
-    let (client, connection) =
-        pg.connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| SetupError::Unreachable {
-                target: target(config),
-                reason: error_text(&e),
-            })?;
+    let unreachable = |reason: String| SetupError::Unreachable {
+        target: target(config),
+        reason,
+    };
+    let tls = config
+        .pg_tls
+        .connector()
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (client, connection) = pg.connect(tls).await.map_err(|e| {
+        let reason = match crate::tls::describe(&e) {
+            Some(tls) => tls,
+            None => error_text(&e),
+        };
+        let mode = config.pg_tls.mode.name();
+        unreachable(if reason.contains("server does not support TLS") {
+            format!("the server does not accept TLS, and sslmode={mode} requires it")
+        } else {
+            reason
+        })
+    })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "query connection closed");

@@ -22,3 +22,4 @@ mod soak;
 mod startup;
 mod sweeper;
 mod tailer;
+mod tls;

@@ -92,7 +92,7 @@ async fn a_connection_cut_mid_stream_keeps_every_aggregates_order() {
     let env = Env::start().await;
     let db = env.db().await;
     let proxy = CuttingProxy::start(env.nats.port()).await;
-    let tailer = Tailer::spawn(&env.url, &proxy.url(), &["run"], env.dir.path());
+    let tailer = Tailer::spawn(&env.tailer_url, &proxy.url(), &["run"], env.dir.path());
     wait_streaming(&db, SLOT, &tailer).await;
     let load = Load::start(
         &env.url,
@@ -173,7 +173,7 @@ async fn an_oversized_event_is_a_dead_letter_that_blocks_nothing_and_can_be_requ
     let bigger = NatsServer::start_with(&["-c", config.to_str().unwrap()]).unwrap();
     drop(tailer);
     let tailer = Tailer::spawn(
-        &env.url,
+        &env.tailer_url,
         &bigger.url(),
         &["run", "--max-retries", "2", "--sweep-min-age", "0"],
         dir.path(),
@@ -181,7 +181,7 @@ async fn an_oversized_event_is_a_dead_letter_that_blocks_nothing_and_can_be_requ
     wait_streaming(&db, SLOT, &tailer).await;
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
         .args(["requeue", "--all"])
-        .env("DATABASE_URL", &env.url)
+        .env("DATABASE_URL", &env.tailer_url)
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stdout).contains("requeued 1 failed events"));

@@ -139,7 +139,7 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     // status, for people and for scripts.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
         .args(["status", "--json"])
-        .env("DATABASE_URL", &env.url)
+        .env("DATABASE_URL", &env.tailer_url)
         .output()
         .unwrap();
     assert!(
@@ -160,7 +160,7 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     );
     let text = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
         .arg("status")
-        .env("DATABASE_URL", &env.url)
+        .env("DATABASE_URL", &env.tailer_url)
         .output()
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();

@@ -5,23 +5,6 @@ use crate::common::*;
 use outbox_testkit::{free_port, PgServer};
 use std::time::Duration;
 
-/// Runs the tailer to its exit (bounded) and returns (exit code, output).
-fn run_to_exit(database_url: &str, nats_url: &str, args: &[&str]) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut tailer = Tailer::spawn(database_url, nats_url, args, dir.path());
-    let status = tailer
-        .wait_exit(Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("no exit within 20 s:\n{}", tailer.output()));
-    let output = tailer.output();
-    assert!(!output.contains("panicked"), "{output}");
-    (status.code().unwrap_or(-1), output)
-}
-
-/// The last line the tailer printed: the one an operator reads.
-fn last_line(output: &str) -> &str {
-    output.lines().last().unwrap_or("")
-}
-
 #[tokio::test]
 async fn wal_level_not_logical_is_one_clear_line() {
     let pg = PgServer::builder()

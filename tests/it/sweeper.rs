@@ -115,7 +115,7 @@ async fn requeued_events_are_published_again() {
         let output = Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
             .arg("requeue")
             .args(args)
-            .env("DATABASE_URL", &env.url)
+            .env("DATABASE_URL", &env.tailer_url)
             .output()
             .unwrap();
         assert!(

@@ -8,12 +8,14 @@
 //! A test can stop and start either server again on the same port and data
 //! directory, which is how later tests inject faults.
 
+mod certs;
 mod nats;
 mod pg;
 mod process;
 pub mod procfs;
 mod prometheus;
 
+pub use certs::Certs;
 pub use nats::NatsServer;
 pub use pg::{PgBuilder, PgServer, StopMode};
 pub use prometheus::PrometheusServer;

@@ -26,9 +26,17 @@ pub enum StopMode {
 #[derive(Debug, Default, Clone)]
 pub struct PgBuilder {
     settings: Vec<(String, String)>,
+    /// Server certificate and key: `ssl = on` with them.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl PgBuilder {
+    /// Serves TLS (as well as plaintext) with this certificate and key.
+    pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
+        self.tls = Some((cert.to_owned(), key.to_owned()));
+        self
+    }
+
     /// Adds `-c name=value`; a later setting of the same name wins.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_owned(), value.to_owned()));
@@ -36,7 +44,7 @@ impl PgBuilder {
     }
 
     pub fn start(self) -> Result<PgServer, HarnessError> {
-        PgServer::init(self.settings)
+        PgServer::init(self.settings, self.tls)
     }
 }
 
@@ -66,7 +74,10 @@ impl PgServer {
         PgBuilder::default()
     }
 
-    fn init(settings: Vec<(String, String)>) -> Result<PgServer, HarnessError> {
+    fn init(
+        mut settings: Vec<(String, String)>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<PgServer, HarnessError> {
         let bindir = bindir()?;
         let run_as = if running_as_root() {
             Some(user_ids("postgres")?)
@@ -93,6 +104,26 @@ impl PgServer {
             "--no-sync",
         ]);
         run_to_end(as_user(&mut initdb, run_as, dir.path()), "initdb")?;
+        if let Some((cert, key)) = tls {
+            // The key must belong to the server's user, readable by it alone.
+            for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = dir.path().join(name);
+                std::fs::copy(&from, &to).map_err(HarnessError::io("copying the TLS files"))?;
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .map_err(HarnessError::io("protecting the TLS files"))?;
+                if let Some((uid, gid)) = run_as {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid))
+                        .map_err(HarnessError::io("handing the TLS files to postgres"))?;
+                }
+                let setting = if name.ends_with(".crt") {
+                    "ssl_cert_file"
+                } else {
+                    "ssl_key_file"
+                };
+                settings.push((setting.into(), to.display().to_string()));
+            }
+            settings.push(("ssl".into(), "on".into()));
+        }
 
         let mut server = PgServer {
             child: None,

@@ -8,7 +8,7 @@ pub mod proxy;
 pub use load::{Load, LoadOptions};
 
 use async_nats::jetstream;
-use outbox_testkit::{alembic, NatsServer, PgServer};
+use outbox_testkit::{alembic, repo_root, NatsServer, PgServer};
 use std::fs::File;
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,11 +21,15 @@ pub const DB: &str = "chat";
 pub const SLOT: &str = "event_outbox_tailer";
 pub const STREAM: &str = "EVENTS";
 
-/// A migrated database and a NATS server.
+/// A migrated database with the tailer's least-privilege role
+/// (`sql/roles.sql`), and a NATS server.
 pub struct Env {
     pub pg: PgServer,
     pub nats: NatsServer,
+    /// The superuser's URL: producers, and the tests' own checks.
     pub url: String,
+    /// The tailer's URL: the `outbox_tailer` role, as the docs deploy it.
+    pub tailer_url: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -39,10 +43,19 @@ impl Env {
         let nats = NatsServer::start().expect("start nats-server");
         let url = pg.create_database(DB).await.unwrap();
         alembic(&url, &["upgrade", "head"]).unwrap();
+        let roles = std::fs::read_to_string(repo_root().join("sql/roles.sql")).unwrap();
+        pg.connect(DB)
+            .await
+            .unwrap()
+            .batch_execute(&roles)
+            .await
+            .unwrap();
+        let tailer_url = pg.url_as("outbox_tailer", DB);
         Env {
             pg,
             nats,
             url,
+            tailer_url,
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -58,7 +71,7 @@ impl Env {
 
     /// Starts the tailer binary with the test's servers and `args`.
     pub fn tailer(&self, args: &[&str]) -> Tailer {
-        Tailer::spawn(&self.url, &self.nats.url(), args, self.dir.path())
+        Tailer::spawn(&self.tailer_url, &self.nats.url(), args, self.dir.path())
     }
 
     /// Starts the tailer and waits until it holds the default slot.
@@ -82,6 +95,17 @@ impl Tailer {
         args: &[&str],
         dir: &std::path::Path,
     ) -> Tailer {
+        Tailer::spawn_env(database_url, nats_url, args, dir, &[])
+    }
+
+    /// As [`Tailer::spawn`], with more environment variables.
+    pub fn spawn_env(
+        database_url: &str,
+        nats_url: &str,
+        args: &[&str],
+        dir: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Tailer {
         let log = dir.join(format!("tailer-{}.log", fastrand::u64(..)));
         let out = File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
@@ -90,6 +114,7 @@ impl Tailer {
             .env("NATS_URL", nats_url)
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info,outbox_tailer=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -140,6 +165,33 @@ impl Drop for Tailer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the tailer to its exit (bounded) and returns (exit code, output).
+pub fn run_to_exit(database_url: &str, nats_url: &str, args: &[&str]) -> (i32, String) {
+    run_to_exit_env(database_url, nats_url, args, &[])
+}
+
+/// As [`run_to_exit`], with more environment variables.
+pub fn run_to_exit_env(
+    database_url: &str,
+    nats_url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tailer = Tailer::spawn_env(database_url, nats_url, args, dir.path(), env);
+    let status = tailer
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no exit within 30 s:\n{}", tailer.output()));
+    let output = tailer.output();
+    assert!(!output.contains("panicked"), "{output}");
+    (status.code().unwrap_or(-1), output)
+}
+
+/// The last line the tailer printed: the one an operator reads.
+pub fn last_line(output: &str) -> &str {
+    output.lines().last().unwrap_or("")
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
