@@ -223,7 +223,8 @@ async fn every_nats_credential_connects_and_wrong_ones_are_refused() {
     let token_file = token_file.display().to_string();
 
     // Each connects, authenticates and creates the stream (`setup` exits 0).
-    let good: Vec<(&str, Vec<&str>, Vec<(&str, &str)>)> = vec![
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+    let good: Vec<Case> = vec![
         (
             &tls_url,
             vec![
