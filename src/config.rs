@@ -38,6 +38,8 @@ pub enum Command {
     },
     /// Move failed events back to pending so they are published again.
     Requeue(RequeueArgs),
+    /// Exit 0 when /healthz on --metrics-addr answers 200 (container health checks; needs no shell).
+    Healthcheck,
 }
 
 #[derive(Debug, Args)]

@@ -49,7 +49,7 @@ pub mod tls;
 mod backoff;
 mod error;
 mod event;
-mod http;
+pub mod http;
 mod metrics;
 mod outbox;
 mod pgtime;

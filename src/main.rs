@@ -15,6 +15,16 @@ fn main() -> ExitCode {
     // One rustls provider for every TLS connection, before any is configured.
     outbox_tailer::tls::install_crypto_provider();
     let cli = Cli::parse();
+    // Needs only --metrics-addr: a container health check has no database settings to spare.
+    if let Some(Command::Healthcheck) = cli.command {
+        return match outbox_tailer::http::healthcheck(&cli.options.metrics_addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(line) => {
+                eprintln!("outbox-tailer: healthcheck: {line}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        };
+    }
     init_logging(cli.options.log_format);
     let config = match Config::from_options(&cli.options) {
         Ok(config) => config,
@@ -46,6 +56,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|text| println!("{}", text.trim_end()))
                 .map_err(|e| e.to_string()),
+            Command::Healthcheck => Ok(()),
             Command::Requeue(which) => app::requeue(&config, &which)
                 .await
                 .map(|count| {

@@ -66,6 +66,25 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     })
     .await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    // The container health check: the same answer from the binary, with no
+    // database settings at all, and the wildcard address asked on loopback.
+    let healthcheck = |addr: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_outbox-tailer"))
+            .args(["healthcheck", "--metrics-addr", &addr])
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let healthy = healthcheck(format!("0.0.0.0:{port}"));
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    let nobody = healthcheck(format!("127.0.0.1:{}", free_port().unwrap()));
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nobody.stderr)
+        .starts_with("outbox-tailer: healthcheck: no answer"));
 
     insert_events(&db, "chat-1", 0, 300).await;
     db.execute(

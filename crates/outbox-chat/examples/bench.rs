@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use outbox_tailer::internals::{row_from, Message, ROW_COLUMNS};
 use outbox_testkit::procfs::{self, Usage};
-use outbox_testkit::{alembic, tailer_bin, NatsServer, PgServer};
+use outbox_testkit::{alembic, tailer_bin, Certs, NatsServer, PgServer};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,9 +61,14 @@ struct Args {
     /// Run only these phases (drain, live, paced, big).
     #[arg(long, value_delimiter = ',', default_value = "drain,live,paced,big")]
     phases: Vec<String>,
-    /// PostgreSQL fsync (off: the harness default, as the tests run).
-    #[arg(long, default_value = "off")]
+    /// PostgreSQL fsync and synchronous_commit (on: as production runs;
+    /// off: as the tests run).
+    #[arg(long, default_value = "on")]
     fsync: String,
+    /// Also run the tailer with TLS on both connections (PostgreSQL
+    /// verify-full, NATS tls:// with a CA), beside the plaintext one.
+    #[arg(long)]
+    tls: bool,
     /// More PostgreSQL settings, `name=value` (repeatable).
     #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
     pg_settings: Vec<String>,
@@ -90,8 +95,12 @@ async fn main() -> Result<()> {
     {
         return relay(database_url, nats_url).await;
     }
+    let certs = Certs::generate()?;
+    let (cert, key) = certs.server();
     let mut pg = PgServer::builder()
+        .tls(&cert, &key)
         .setting("fsync", &args.fsync)
+        .setting("synchronous_commit", &args.fsync)
         .setting("shared_buffers", "256MB")
         .setting("max_wal_size", "4GB")
         .setting("checkpoint_timeout", "30min");
@@ -102,7 +111,17 @@ async fn main() -> Result<()> {
         pg = pg.setting(name, value);
     }
     let pg = pg.start()?;
-    let nats = NatsServer::start()?;
+    // TLS offered, not required: the plaintext publishers stay plaintext.
+    let nats_conf = certs.dir().join("nats.conf");
+    std::fs::write(
+        &nats_conf,
+        format!(
+            "allow_non_tls: true\ntls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        ),
+    )?;
+    let nats = NatsServer::start_with(&["-c", &nats_conf.display().to_string()])?;
     let url = pg.create_database("chat").await?;
     alembic(&url, &["upgrade", "head"])?;
     let db = pg.connect("chat").await?;
@@ -114,34 +133,48 @@ async fn main() -> Result<()> {
         ..Default::default()
     })
     .await?;
+    let tls = Tls {
+        url: format!(
+            "postgresql://postgres@localhost:{}/chat?sslmode=verify-full&sslrootcert={}",
+            pg.port(),
+            certs.ca().display()
+        ),
+        nats_url: format!("tls://localhost:{}", nats.port()),
+        ca: certs.ca().display().to_string(),
+    };
     let bench = Bench {
         url,
         nats_url: nats.url(),
+        tls,
         db,
         js,
         args: &args,
     };
     println!(
-        "outbox-tailer benchmark: PostgreSQL {} (fsync={}), nats-server, {} cores",
+        "outbox-tailer benchmark: PostgreSQL {} (fsync={fsync}, synchronous_commit={fsync}), nats-server, {} cores",
         pg_version(&bench.db).await?,
-        args.fsync,
-        num_cores()
+        num_cores(),
+        fsync = args.fsync,
     );
+    let publishers: Vec<Publisher> = [Publisher::Tailer, Publisher::TailerTls, Publisher::Relay]
+        .into_iter()
+        .filter(|p| args.tls || *p != Publisher::TailerTls)
+        .collect();
     let mut report = Vec::new();
     for phase in &args.phases {
         match phase.as_str() {
             "drain" => {
-                for publisher in [Publisher::Tailer, Publisher::Relay] {
+                for &publisher in &publishers {
                     report.push(bench.drain(publisher).await?);
                 }
             }
             "live" => {
-                for publisher in [Publisher::Tailer, Publisher::Relay] {
+                for &publisher in &publishers {
                     report.push(bench.live(publisher).await?);
                 }
             }
             "paced" => {
-                for publisher in [Publisher::Tailer, Publisher::Relay] {
+                for &publisher in &publishers {
                     report.push(bench.paced(publisher).await?);
                 }
             }
@@ -150,7 +183,7 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "\n{:<8} {:<7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}  note",
+        "\n{:<8} {:<10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}  note",
         "phase", "who", "events", "events/s", "p50 ms", "p99 ms", "cpu s", "rss MB"
     );
     for line in &report {
@@ -162,6 +195,8 @@ async fn main() -> Result<()> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Publisher {
     Tailer,
+    /// The tailer with TLS on both connections.
+    TailerTls,
     Relay,
 }
 
@@ -169,9 +204,23 @@ impl Publisher {
     fn name(self) -> &'static str {
         match self {
             Publisher::Tailer => "tailer",
+            Publisher::TailerTls => "tailer+tls",
             Publisher::Relay => "relay",
         }
     }
+
+    /// Reads the replication slot (which must exist before a backlog).
+    fn tails(self) -> bool {
+        self != Publisher::Relay
+    }
+}
+
+/// Where the TLS tailer connects: PostgreSQL by name with verify-full, NATS
+/// over tls:// trusting the benchmark's CA.
+struct Tls {
+    url: String,
+    nats_url: String,
+    ca: String,
 }
 
 struct Line {
@@ -191,7 +240,7 @@ impl std::fmt::Display for Line {
         });
         write!(
             f,
-            "{:<8} {:<7} {:>10} {:>10.0} {:>9} {:>9} {:>8.2} {:>8.1}  {}",
+            "{:<8} {:<10} {:>10} {:>10.0} {:>9} {:>9} {:>8.2} {:>8.1}  {}",
             self.phase,
             self.who,
             self.events,
@@ -208,6 +257,7 @@ impl std::fmt::Display for Line {
 struct Bench<'a> {
     url: String,
     nats_url: String,
+    tls: Tls,
     db: Client,
     js: jetstream::Context,
     args: &'a Args,
@@ -254,6 +304,15 @@ impl Bench<'_> {
                 c.arg("run")
                     .env("DATABASE_URL", &self.url)
                     .env("NATS_URL", &self.nats_url)
+                    .env("METRICS_ADDR", "127.0.0.1:0");
+                c
+            }
+            Publisher::TailerTls => {
+                let mut c = Command::new(tailer_bin()?);
+                c.arg("run")
+                    .env("DATABASE_URL", &self.tls.url)
+                    .env("NATS_URL", &self.tls.nats_url)
+                    .env("NATS_CA", &self.tls.ca)
                     .env("METRICS_ADDR", "127.0.0.1:0");
                 c
             }
@@ -309,9 +368,9 @@ impl Bench<'_> {
 
     async fn drain(&self, publisher: Publisher) -> Result<Line> {
         self.reset().await?;
-        if publisher == Publisher::Tailer {
+        if publisher.tails() {
             // The slot must exist before the backlog is written.
-            let p = self.start(Publisher::Tailer)?;
+            let p = self.start(publisher)?;
             wait_slot_active(&self.db, true).await?;
             p.stop();
             wait_slot_active(&self.db, false).await?;
@@ -348,7 +407,7 @@ impl Bench<'_> {
     async fn live(&self, publisher: Publisher) -> Result<Line> {
         self.reset().await?;
         let process = self.start(publisher)?;
-        if publisher == Publisher::Tailer {
+        if publisher.tails() {
             wait_slot_active(&self.db, true).await?;
         }
         let first_seq = self
@@ -421,7 +480,7 @@ impl Bench<'_> {
     async fn paced(&self, publisher: Publisher) -> Result<Line> {
         self.reset().await?;
         let process = self.start(publisher)?;
-        if publisher == Publisher::Tailer {
+        if publisher.tails() {
             wait_slot_active(&self.db, true).await?;
         }
         let first_seq = self
