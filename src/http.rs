@@ -46,12 +46,16 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
 async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     let replication = metrics.replication_connected.get() == 1;
     let nats = metrics.nats_connected.get() == 1;
-    let status = if replication && nats {
+    let limited = metrics.stream_limit_reached.get() == 1;
+    let status = if replication && nats && !limited {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = format!("replication {}\nnats {}\n", up(replication), up(nats));
+    let mut body = format!("replication {}\nnats {}\n", up(replication), up(nats));
+    if limited {
+        body.push_str("stream at a limit (full, or storage exhausted): publishing stalls until it is lifted\n");
+    }
     (status, body)
 }
 

@@ -30,6 +30,9 @@ pub(crate) struct Metrics {
     pub publish_latency: Histogram,
     pub replication_connected: IntGauge,
     pub nats_connected: IntGauge,
+    /// 1 while publishing stalls on a stream or account limit (stream full
+    /// with discard `new`, storage exhausted): /readyz says so.
+    pub stream_limit_reached: IntGauge,
     pub slot_active: IntGauge,
     pub in_flight: IntGauge,
     pub mark_batch_size: Histogram,
@@ -136,6 +139,10 @@ impl Metrics {
             ),
             replication_connected: int_gauge("outbox_replication_connected", "1 while the replication stream is open."),
             nats_connected: int_gauge("outbox_nats_connected", "1 while connected to NATS."),
+            stream_limit_reached: int_gauge(
+                "outbox_stream_limit_reached",
+                "1 while publishing stalls on a stream or account limit (stream full, storage exhausted).",
+            ),
             slot_active: int_gauge("outbox_slot_active", "1 while some walsender holds the slot (this tailer or another)."),
             in_flight: int_gauge("outbox_publish_in_flight", "Publishes sent and not yet acknowledged."),
             mark_batch_size: histogram(

@@ -38,9 +38,7 @@ pub(crate) struct ReplayCheck {
     horizon: Lsn,
     status: Statement,
     visible: Statement,
-    /// A 64-bit transaction id from the session's start, to widen the
-    /// stream's 32-bit ids (they carry no epoch).
-    current_xid: u64,
+    current_xid: Statement,
 }
 
 impl ReplayCheck {
@@ -51,8 +49,7 @@ impl ReplayCheck {
     ) -> Result<ReplayCheck, tokio_postgres::Error> {
         let status = db.prepare(STATUS_SQL).await?;
         let visible = db.prepare(VISIBLE_SQL).await?;
-        let current: String = db.query_one(CURRENT_XID_SQL, &[]).await?.get(0);
-        let current_xid = current.parse().unwrap_or(0);
+        let current_xid = db.prepare(CURRENT_XID_SQL).await?;
         Ok(ReplayCheck {
             db,
             horizon,
@@ -98,9 +95,14 @@ impl ReplayCheck {
             if missing.is_empty() {
                 return Ok(outcome);
             }
+            // The stream's ids are 32 bits: widened against the server's
+            // counter read now, not at the session's start, so a transaction
+            // begun after the counter wrapped lands in the right epoch.
+            let current: String = self.db.query_one(&self.current_xid, &[]).await?.get(0);
+            let xid8 = widen(xid, current.parse().unwrap_or(u64::MAX));
             let visible: bool = self
                 .db
-                .query_one(&self.visible, &[&widen(xid, self.current_xid).to_string()])
+                .query_one(&self.visible, &[&xid8.to_string()])
                 .await?
                 .get(0);
             if visible {
@@ -118,7 +120,9 @@ impl ReplayCheck {
     }
 }
 
-/// The 64-bit id of 32-bit `xid`, a transaction no newer than `current`.
+/// The 64-bit id of 32-bit `xid`, a transaction already assigned when the
+/// server's next id was `current` (so `current` must be read after `xid`
+/// was assigned: then `xid` is the newest id below it with those low bits).
 fn widen(xid: u32, current: u64) -> u64 {
     let candidate = (current & !0xFFFF_FFFF) | u64::from(xid);
     if candidate > current && candidate >= 1 << 32 {
@@ -138,5 +142,26 @@ mod tests {
         assert_eq!(widen(700, (3 << 32) | 1000), (3 << 32) | 700);
         // An older transaction from before the counter wrapped.
         assert_eq!(widen(0xFFFF_FF00, (3 << 32) | 5), (2 << 32) | 0xFFFF_FF00);
+    }
+
+    #[test]
+    fn at_the_wrap_the_counter_read_after_the_transaction_decides() {
+        let before_wrap = (3u64 << 32) | 0xFFFF_FFF0;
+        let after_wrap = (4u64 << 32) | 20;
+        // Begun just after the wrap, widened against a counter read later:
+        // the new epoch (judged against a counter read before the wrap it
+        // would land 2^32 ids in the past, and look long committed).
+        assert_eq!(widen(5, after_wrap), (4 << 32) | 5);
+        assert_ne!(
+            widen(5, before_wrap),
+            (4 << 32) | 5,
+            "why the counter is read fresh"
+        );
+        // Begun just before the wrap: still the old epoch.
+        assert_eq!(widen(0xFFFF_FFF8, after_wrap), (3 << 32) | 0xFFFF_FFF8);
+        assert_eq!(widen(0xFFFF_FFF8, before_wrap + 9), (3 << 32) | 0xFFFF_FFF8);
+        // The first epoch has nothing before it.
+        assert_eq!(widen(0xFFFF_FFF8, 20), 0xFFFF_FFF8);
+        assert_eq!(widen(19, 20), 19);
     }
 }

@@ -20,8 +20,8 @@ use crate::backoff::Backoff;
 use crate::event::OutboxRow;
 use crate::outbox::attempts;
 use crate::pgtime::PG_EPOCH_UNIX_MICROS;
-use crate::publish::failure::{classify, Failure};
 use crate::publish::message::Message;
+use crate::publish::policy::{classify, refuse, verdict, Failure, Verdict};
 use crate::publish::turn::PublishTurn;
 use async_nats::jetstream::{self, message::PublishMessage};
 use std::collections::VecDeque;
@@ -221,10 +221,15 @@ impl Sweeper {
                 let row = row_from(r);
                 let retries = u32::try_from(r.get::<_, i32>(ROW_COLUMN_COUNT)).unwrap_or(0);
                 let message = Message::from_row(&self.subject_prefix, &row);
-                let publish = PublishMessage::build()
-                    .payload(message.body)
-                    .headers(message.headers);
-                let ack = self.js.send_publish(message.subject, publish).await;
+                let ack = match refuse(&message.subject) {
+                    Some(error) => Err(error),
+                    None => {
+                        let publish = PublishMessage::build()
+                            .payload(message.body)
+                            .headers(message.headers);
+                        self.js.send_publish(message.subject, publish).await
+                    }
+                };
                 sent.push((row.id, retries, ack));
             }
             let mut ids = Vec::with_capacity(sent.len());
@@ -244,10 +249,15 @@ impl Sweeper {
                     Err(error) => error,
                 };
                 let failure = classify(&error);
-                outage |= failure == Failure::Transient;
-                let delay = Backoff::PUBLISH.delay_with(retries, jitter);
+                outage |= matches!(failure, Failure::Outage | Failure::Capacity);
+                // Rows that fail together wait alike (one jitter), so they
+                // are retried in the order they were taken.
+                let verdict = Verdict {
+                    retry_in: Backoff::PUBLISH.delay_with(retries, jitter),
+                    ..verdict(failure, retries, self.max_retries)
+                };
                 let text = error.to_string();
-                match attempts::record(&tx, id, &text, delay, failure, self.max_retries).await? {
+                match attempts::record(&tx, id, &text, verdict).await? {
                     Some(true) => swept.dead += 1,
                     _ => swept.retried += 1,
                 }

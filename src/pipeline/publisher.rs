@@ -23,15 +23,14 @@
 
 use super::window::Window;
 use super::{Batch, Item};
-use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::event::OutboxRow;
 use crate::metrics::Metrics;
 use crate::outbox::attempts;
 use crate::pgtime::{seconds_since, unix_seconds};
-use crate::publish::failure::{classify, Failure};
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::publish::message::Message;
+use crate::publish::policy::{classify, never_sent, refuse, verdict, Failure};
 use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
@@ -74,6 +73,11 @@ impl Chain {
     /// Sends `row`; a send that fails yields its error as the ack.
     async fn send(&mut self, row: &OutboxRow) -> AckFuture {
         let message = Message::from_row(&self.subject_prefix, row);
+        if let Some(error) = refuse(&message.subject) {
+            // The server would drop the connection on it, for ever: refused
+            // here, unsent, it fails alone.
+            return Box::pin(std::future::ready(Err(error)));
+        }
         let mut publish = PublishMessage::build()
             .payload(message.body)
             .headers(message.headers);
@@ -87,10 +91,10 @@ impl Chain {
                 ack.into_future()
             }
             Err(error) => {
-                // Not sent. Unless no retry can ever send it, the next event
-                // waits for it: chained to it, the server refuses the next
-                // until this one is stored.
-                if classify(&error) != Failure::Permanent {
+                // Perhaps not sent. Unless the client refused it outright,
+                // the next event waits for it: chained to it, the server
+                // refuses the next until this one is stored.
+                if !never_sent(&error) {
                     self.last = Some(row.id);
                 }
                 Box::pin(std::future::ready(Err(error)))
@@ -239,6 +243,7 @@ impl Publisher {
         self.metrics.in_flight.dec();
         if self.failing {
             self.failing = false;
+            self.metrics.stream_limit_reached.set(0);
             tracing::info!(id = %sent.row.id, attempts = sent.attempts + 1, "publishing recovered");
         }
         if ack.duplicate {
@@ -279,36 +284,42 @@ impl Publisher {
             self.resend(0).await;
             return Ok(());
         }
-        // The first retry goes at once: after an outage, the events that
-        // failed behind this one are sent with it, and only repeated
-        // failures of one event back off.
-        let delay = match head.attempts {
-            0 => Duration::ZERO,
-            n => Backoff::PUBLISH.delay(n - 1),
-        };
+        let verdict = verdict(failure, head.attempts, self.max_retries);
         let text = error.to_string();
         let id = head.row.id;
-        let dead = attempts::record(&*self.db, id, &text, delay, failure, self.max_retries).await?;
+        let dead = attempts::record(&*self.db, id, &text, verdict).await?;
         if dead == Some(true) {
             self.window.settle_front();
             self.metrics.in_flight.dec();
             self.metrics.events_failed.inc();
             tracing::warn!(%id, error = %text, "event failed (dead letter); `outbox-tailer requeue` retries it");
-            // A payload no retry can send was never sent, and the events
-            // behind it were chained past it: they stand.
-            if failure != Failure::Permanent {
+            // One the client never sent left no gap: the events behind it
+            // were chained past it and stand. Otherwise they were chained
+            // to it, and go again.
+            if !never_sent(&error) {
                 self.resend(0).await;
             }
             return Ok(());
         }
         head.attempts += 1;
+        let attempt = head.attempts;
         self.metrics.publish_retries.inc();
+        if failure == Failure::Capacity {
+            self.metrics.stream_limit_reached.set(1);
+        }
         if !self.failing {
             self.failing = true;
-            tracing::warn!(%id, error = %text, "publishing failed; retrying in order (recorded on the row)");
+            let hint = match failure {
+                Failure::Capacity => {
+                    "the stream or account is at a limit; publishing stalls until it is lifted"
+                }
+                _ => "retrying in order (recorded on the row)",
+            };
+            tracing::warn!(%id, error = %text, "publishing failed; {hint}");
         } else {
-            tracing::debug!(%id, error = %text, attempt = head.attempts, retry_in = ?delay, "publish failed again");
+            tracing::debug!(%id, error = %text, attempt, retry_in = ?verdict.retry_in, "publish failed again");
         }
+        let delay = verdict.retry_in;
         tokio::time::sleep(delay).await;
         self.resend(1).await;
         Ok(())

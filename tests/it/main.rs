@@ -12,6 +12,7 @@ mod common;
 
 mod dashboards;
 mod failover;
+mod failures;
 mod harness;
 mod marker;
 mod nats_outage;

@@ -137,9 +137,12 @@ async fn requeued_events_are_published_again() {
     assert!(requeue(&["--event-type", "kept.type"]).contains("requeued 2 failed events"));
     let js = env.js().await;
     wait_for(
-        "the requeued events in the stream",
+        "the requeued events in the stream, and marked",
         Duration::from_secs(30),
-        || async { (stream_count(&js, STREAM).await == 3).then_some(()) },
+        || async {
+            let (_, published, _) = status_counts(&db).await;
+            (stream_count(&js, STREAM).await == 3 && published == 3).then_some(())
+        },
     )
     .await;
     let row = db
