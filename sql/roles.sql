@@ -8,6 +8,8 @@
 --   delivery columns; it never inserts, deletes or rewrites an event.
 -- event_logs: insert the projection of published events (ON CONFLICT DO NOTHING
 --   needs only INSERT) and read it back.
+-- outbox_prune: retention (prune, --retention) deletes published rows only
+--   through this function (SECURITY DEFINER); the role has no DELETE.
 -- No access to messages: the tailer never reads the domain table.
 -- The publication is created by the migrations (it needs the table's owner).
 DO $$
@@ -24,3 +26,4 @@ GRANT USAGE ON SCHEMA public TO outbox_tailer;
 GRANT SELECT ON event_outbox TO outbox_tailer;
 GRANT UPDATE (status, retry_count, next_retry_at, published_at, last_error) ON event_outbox TO outbox_tailer;
 GRANT SELECT, INSERT ON event_logs TO outbox_tailer;
+GRANT EXECUTE ON FUNCTION outbox_prune(interval, integer) TO outbox_tailer;

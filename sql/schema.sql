@@ -38,6 +38,8 @@ CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON event_outbox (st
 CREATE INDEX ix_event_outbox_aggregate_id_created_at ON event_outbox (aggregate_id, created_at);
 CREATE INDEX ix_event_outbox_project_id_created_at ON event_outbox (project_id, created_at);
 CREATE INDEX ix_event_outbox_user_id_created_at ON event_outbox (user_id, created_at);
+-- Retention (prune, --retention) deletes published rows through this index.
+CREATE INDEX ix_event_outbox_published_at ON event_outbox (published_at) WHERE status = 'published';
 
 -- Inserts only: status updates must never reach the tailer's slot.
 CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox WITH (publish = 'insert');
@@ -59,5 +61,23 @@ CREATE TABLE event_logs (
 CREATE INDEX ix_event_logs_aggregate_id_created_at ON event_logs (aggregate_id, created_at);
 CREATE INDEX ix_event_logs_project_id_created_at ON event_logs (project_id, created_at);
 CREATE INDEX ix_event_logs_user_id_created_at ON event_logs (user_id, created_at);
+
+-- Retention: deletes at most `batch` published rows older than `older_than`,
+-- oldest first. SECURITY DEFINER: the tailer's role gets EXECUTE on it and no
+-- DELETE on the table, so retention can never touch a pending or failed row.
+CREATE FUNCTION outbox_prune(older_than interval, batch integer) RETURNS integer
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, public
+    AS $$
+    WITH gone AS (
+        DELETE FROM public.event_outbox WHERE id IN (
+            SELECT id FROM public.event_outbox
+            WHERE status = 'published' AND published_at < now() - older_than
+            ORDER BY published_at LIMIT batch
+            FOR UPDATE SKIP LOCKED)
+        RETURNING 1)
+    SELECT count(*)::integer FROM gone
+$$;
+REVOKE ALL ON FUNCTION outbox_prune(interval, integer) FROM PUBLIC;
 
 COMMIT;

@@ -5,6 +5,7 @@ use crate::backoff::Backoff;
 use crate::config::{Config, RequeueArgs};
 use crate::error::{Action, Error};
 use crate::metrics::Metrics;
+use crate::outbox::retention;
 use crate::outbox::sweeper::{Boundary, Sweeper, Swept};
 use crate::publish::jetstream;
 use crate::publish::turn::PublishTurn;
@@ -92,6 +93,14 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         metrics.clone(),
         shutdown.clone(),
     ));
+    if let Some(retention) = config.retention {
+        tokio::spawn(run_retention(
+            config.clone(),
+            retention,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut attempt = 0;
     // Logged once on becoming a standby, not on every poll.
     let mut standby = false;
@@ -154,6 +163,43 @@ pub async fn requeue(config: &Config, which: &RequeueArgs) -> Result<u64, Error>
         db.execute(SET, &[]).await?
     };
     Ok(count)
+}
+
+/// `outbox-tailer prune --older-than <duration>`: deletes published rows
+/// published longer ago than that; returns how many.
+pub async fn prune(config: &Config, older_than: Duration) -> Result<u64, Error> {
+    let db = setup::connect(config).await?;
+    retention::prune(&db, older_than, &Metrics::new())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// `--retention`: prunes every [`retention::interval`] until shutdown, on
+/// its own connection (re-opened after an error). A failure is logged and
+/// tried again at the next interval; retention never blocks publishing.
+async fn run_retention(
+    config: Config,
+    retention: Duration,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    let mut db: Option<tokio_postgres::Client> = None;
+    loop {
+        if sleep_or_shutdown(retention::interval(retention), &mut shutdown).await {
+            return;
+        }
+        if db.as_ref().is_none_or(|c| c.is_closed()) {
+            db = setup::connect(&config).await.ok();
+        }
+        let Some(client) = db.as_ref() else { continue };
+        match retention::prune(client, retention, &metrics).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(pruned, older_than = ?retention, "pruned published events")
+            }
+            Err(error) => tracing::warn!(%error, "retention: prune failed; trying again later"),
+        }
+    }
 }
 
 /// How often the sweeper looks for pending rows the stream will not deliver.

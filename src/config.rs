@@ -40,6 +40,12 @@ pub enum Command {
     Requeue(RequeueArgs),
     /// Exit 0 when /healthz on --metrics-addr answers 200 (container health checks; needs no shell).
     Healthcheck,
+    /// Delete published rows published longer ago than --older-than, in small batches (never pending or failed rows).
+    Prune {
+        /// e.g. 7d, 12h, 30m.
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +165,9 @@ pub struct Options {
         default_value_t = 60.0
     )]
     pub sweep_min_age: f64,
+    /// While running, delete published rows older than this (e.g. 7d); off by default.
+    #[arg(long, env = "OUTBOX_RETENTION", global = true, value_name = "DURATION")]
+    pub retention: Option<String>,
     /// Log lines as text or as one JSON object a line.
     #[arg(
         long,
@@ -205,6 +214,8 @@ pub enum ConfigError {
     NatsCredentials(String),
     #[error("--nats-tls-cert and --nats-tls-key go together: give both, or neither")]
     NatsClientCert,
+    #[error("--{flag} {value:?} is not a duration such as 7d, 12h or 30m")]
+    BadDuration { flag: &'static str, value: String },
 }
 
 /// How the tailer authenticates to NATS. Its `Debug` never shows a secret.
@@ -271,6 +282,8 @@ pub struct Config {
     pub event_logs: bool,
     pub stats_interval: std::time::Duration,
     pub sweep_min_age: std::time::Duration,
+    /// Published rows older than this are pruned while running (None: kept).
+    pub(crate) retention: Option<std::time::Duration>,
     pub log_format: LogFormat,
 }
 
@@ -290,6 +303,7 @@ impl fmt::Debug for Config {
             .field("event_logs", &self.event_logs)
             .field("stats_interval", &self.stats_interval)
             .field("sweep_min_age", &self.sweep_min_age)
+            .field("retention", &self.retention)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -354,7 +368,14 @@ impl Config {
             .parse()
             .map_err(|_| ConfigError::BadMetricsAddr(options.metrics_addr.clone()))?;
         let nats = nats_config(options, &env)?;
+        let retention = options
+            .retention
+            .as_deref()
+            .filter(|r| !r.is_empty() && *r != "off")
+            .map(|r| parse_duration("retention", r))
+            .transpose()?;
         Ok(Config {
+            retention,
             database,
             database_url,
             pg_tls,
@@ -467,6 +488,17 @@ fn nats_config(
         client_cert,
     };
     Ok(NatsConfig { servers, auth, tls })
+}
+
+/// A positive duration as people write it: `7d`, `12h`, `30m`, `1h 30m`.
+pub fn parse_duration(flag: &'static str, value: &str) -> Result<std::time::Duration, ConfigError> {
+    humantime::parse_duration(value.trim())
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ConfigError::BadDuration {
+            flag,
+            value: value.to_owned(),
+        })
 }
 
 /// Parses a libpq URL or key=value string; the error never echoes a password.
@@ -683,6 +715,31 @@ mod tests {
             error.starts_with("--database-url: sslmode=sometimes"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn retention_takes_durations_as_people_write_them() {
+        let config = config_with(&["--retention", "7d"], &[]).unwrap();
+        assert_eq!(
+            config.retention,
+            Some(std::time::Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(config_with(&[], &[]).unwrap().retention, None);
+        assert_eq!(
+            config_with(&["--retention", "off"], &[]).unwrap().retention,
+            None
+        );
+        assert_eq!(
+            parse_duration("older-than", "1h 30m").unwrap().as_secs(),
+            5400
+        );
+        for bad in ["7", "soon", "0s", "-1d"] {
+            let error = parse_duration("older-than", bad).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("--older-than {bad:?} is not a duration")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! then the subcommand. Every failure is one line on stderr and a non-zero exit.
 
 use clap::Parser;
-use outbox_tailer::config::{Cli, Command, Config, LogFormat};
+use outbox_tailer::config::{parse_duration, Cli, Command, Config, LogFormat};
 use outbox_tailer::{app, shutdown};
 use std::process::ExitCode;
 
@@ -34,6 +34,18 @@ fn main() -> ExitCode {
         }
     };
     tracing::debug!(?config, "configuration");
+    let command = cli.command.unwrap_or(Command::Run);
+    // Validated with the flags: a bad value is a usage error (exit 2).
+    let older_than = match &command {
+        Command::Prune { older_than } => match parse_duration("older-than", older_than) {
+            Ok(duration) => duration,
+            Err(error) => {
+                eprintln!("outbox-tailer: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => std::time::Duration::ZERO,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -45,7 +57,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Run) {
+        match command {
             Command::Run => {
                 let shutdown =
                     shutdown::on_signals().map_err(|e| format!("cannot handle signals: {e}"))?;
@@ -57,6 +69,10 @@ fn main() -> ExitCode {
                 .map(|text| println!("{}", text.trim_end()))
                 .map_err(|e| e.to_string()),
             Command::Healthcheck => Ok(()),
+            Command::Prune { .. } => app::prune(&config, older_than)
+                .await
+                .map(|count| println!("pruned {count} published events"))
+                .map_err(|e| e.to_string()),
             Command::Requeue(which) => app::requeue(&config, &which)
                 .await
                 .map(|count| {

@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     /// 1 while publishing stalls on a stream or account limit (stream full
     /// with discard `new`, storage exhausted): /readyz says so.
     pub stream_limit_reached: IntGauge,
+    /// Published rows deleted by retention (`prune`, `--retention`).
+    pub pruned: IntCounter,
     pub slot_active: IntGauge,
     pub in_flight: IntGauge,
     pub mark_batch_size: Histogram,
@@ -139,6 +141,10 @@ impl Metrics {
             ),
             replication_connected: int_gauge("outbox_replication_connected", "1 while the replication stream is open."),
             nats_connected: int_gauge("outbox_nats_connected", "1 while connected to NATS."),
+            pruned: counter(
+                "outbox_pruned_events_total",
+                "Published rows deleted by retention (prune, --retention).",
+            ),
             stream_limit_reached: int_gauge(
                 "outbox_stream_limit_reached",
                 "1 while publishing stalls on a stream or account limit (stream full, storage exhausted).",

@@ -18,6 +18,7 @@ mod marker;
 mod nats_outage;
 mod observability;
 mod odd_input;
+mod retention;
 mod schema;
 mod soak;
 mod startup;

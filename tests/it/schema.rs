@@ -130,6 +130,7 @@ async fn assert_contract_schema(db: &Client) {
             "CREATE UNIQUE INDEX event_outbox_pkey ON public.event_outbox USING btree (id)",
             "CREATE INDEX ix_event_outbox_aggregate_id_created_at ON public.event_outbox USING btree (aggregate_id, created_at)",
             "CREATE INDEX ix_event_outbox_project_id_created_at ON public.event_outbox USING btree (project_id, created_at)",
+            "CREATE INDEX ix_event_outbox_published_at ON public.event_outbox USING btree (published_at) WHERE (status = 'published'::text)",
             "CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON public.event_outbox USING btree (status, next_retry_at, created_at)",
             "CREATE INDEX ix_event_outbox_user_id_created_at ON public.event_outbox USING btree (user_id, created_at)",
         ]
@@ -196,7 +197,7 @@ async fn upgrade_head_creates_exactly_the_contract() {
     alembic(&url, HEAD).unwrap();
     assert_contract_schema(&db).await;
     let version = strings(&db, "SELECT version_num::text FROM alembic_version").await;
-    assert_eq!(version, ["0003_event_logs"]);
+    assert_eq!(version, ["0004_outbox_retention"]);
 }
 
 #[tokio::test]
@@ -216,7 +217,12 @@ async fn downgrades_drop_only_their_own_objects_and_keep_messages() {
     let before = message_rows(&db).await;
     assert_eq!(before.len(), 500);
 
-    // -1 from head: only event_logs and its indexes go.
+    // -1 from head: only the retention index goes.
+    alembic(&url, &["downgrade", "-1"]).unwrap();
+    assert_eq!(indexes(&db, "event_outbox").await.len(), 5);
+    assert_eq!(indexes(&db, "event_logs").await.len(), 4);
+
+    // Then event_logs: only it and its indexes go.
     alembic(&url, &["downgrade", "-1"]).unwrap();
     assert_eq!(
         tables(&db).await,
@@ -352,6 +358,7 @@ async fn roles_sql_grants_the_tailer_only_what_it_needs() {
          ON CONFLICT DO NOTHING",
         "SELECT count(*) FROM event_logs",
         "SELECT pg_current_wal_lsn()",
+        "SELECT outbox_prune(interval '1 day', 100)",
     ];
     for sql in allowed {
         tailer
@@ -410,6 +417,12 @@ async fn contract_queries_use_their_indexes_on_a_realistic_table() {
             "SELECT id FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
              ORDER BY next_retry_at, created_at LIMIT 100",
             "ix_event_outbox_status_next_retry_at_created_at",
+        ),
+        (
+            // outbox_prune()'s selection (retention).
+            "SELECT id FROM event_outbox WHERE status = 'published' AND published_at < now() - interval '7 days' \
+             ORDER BY published_at LIMIT 1000",
+            "ix_event_outbox_published_at",
         ),
         (
             "SELECT * FROM event_outbox WHERE aggregate_id = 'chat-7' ORDER BY created_at DESC LIMIT 50",
