@@ -42,7 +42,8 @@ CREATE INDEX ix_event_outbox_user_id_created_at ON event_outbox (user_id, create
 CREATE INDEX ix_event_outbox_published_at ON event_outbox (published_at) WHERE status = 'published';
 
 -- Inserts only: status updates must never reach the tailer's slot.
-CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox WITH (publish = 'insert');
+-- Via the partition root: a partitioned event_outbox streams like a plain one.
+CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox WITH (publish = 'insert', publish_via_partition_root = true);
 
 -- Optional analytics/audit projection of published events.
 CREATE TABLE event_logs (

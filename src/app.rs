@@ -86,6 +86,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         config.subject_prefix.clone(),
         config.sweep_min_age,
         config.max_retries,
+        config.max_in_flight_bytes,
     );
     tokio::spawn(run_sweeper(
         config.clone(),

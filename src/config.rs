@@ -165,6 +165,15 @@ pub struct Options {
         default_value_t = 60.0
     )]
     pub sweep_min_age: f64,
+    /// Payload bytes held in memory at once, decoded and not yet acked (e.g. 64MiB); one larger event still goes alone.
+    #[arg(
+        long,
+        env = "OUTBOX_MAX_IN_FLIGHT_BYTES",
+        global = true,
+        value_name = "BYTES",
+        default_value = "64MiB"
+    )]
+    pub max_in_flight_bytes: String,
     /// While running, delete published rows older than this (e.g. 7d); off by default.
     #[arg(long, env = "OUTBOX_RETENTION", global = true, value_name = "DURATION")]
     pub retention: Option<String>,
@@ -216,6 +225,8 @@ pub enum ConfigError {
     NatsClientCert,
     #[error("--{flag} {value:?} is not a duration such as 7d, 12h or 30m")]
     BadDuration { flag: &'static str, value: String },
+    #[error("--max-in-flight-bytes {0:?} is not a size between 1MiB and 4GiB such as 64MiB")]
+    BadSize(String),
 }
 
 /// How the tailer authenticates to NATS. Its `Debug` never shows a secret.
@@ -282,6 +293,8 @@ pub struct Config {
     pub event_logs: bool,
     pub stats_interval: std::time::Duration,
     pub sweep_min_age: std::time::Duration,
+    /// Payload bytes held in memory at once (the byte budget).
+    pub(crate) max_in_flight_bytes: usize,
     /// Published rows older than this are pruned while running (None: kept).
     pub(crate) retention: Option<std::time::Duration>,
     pub log_format: LogFormat,
@@ -303,6 +316,7 @@ impl fmt::Debug for Config {
             .field("event_logs", &self.event_logs)
             .field("stats_interval", &self.stats_interval)
             .field("sweep_min_age", &self.sweep_min_age)
+            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("retention", &self.retention)
             .field("log_format", &self.log_format)
             .finish()
@@ -374,7 +388,11 @@ impl Config {
             .filter(|r| !r.is_empty() && *r != "off")
             .map(|r| parse_duration("retention", r))
             .transpose()?;
+        let max_in_flight_bytes = parse_size(&options.max_in_flight_bytes)
+            .filter(|n| (1 << 20..=1 << 32).contains(n))
+            .ok_or_else(|| ConfigError::BadSize(options.max_in_flight_bytes.clone()))?;
         Ok(Config {
+            max_in_flight_bytes,
             retention,
             database,
             database_url,
@@ -488,6 +506,23 @@ fn nats_config(
         client_cert,
     };
     Ok(NatsConfig { servers, auth, tls })
+}
+
+/// Bytes as people write them: `67108864`, `64MiB`, `64M` (binary units).
+fn parse_size(value: &str) -> Option<usize> {
+    let value = value.trim();
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits);
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.parse::<usize>().ok()?.checked_mul(scale)
 }
 
 /// A positive duration as people write it: `7d`, `12h`, `30m`, `1h 30m`.
@@ -715,6 +750,21 @@ mod tests {
             error.starts_with("--database-url: sslmode=sometimes"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_byte_budget_takes_sizes_as_people_write_them() {
+        assert_eq!(config_with(&[], &[]).unwrap().max_in_flight_bytes, 64 << 20);
+        assert_eq!(parse_size("16MiB"), Some(16 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("lots"), None);
+        for bad in ["12", "8GiB", "64 parsecs"] {
+            let error = config_with(&["--max-in-flight-bytes", bad], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with("--max-in-flight-bytes"), "{error}");
+        }
     }
 
     #[test]

@@ -4,6 +4,9 @@
   (status = 'published'): it holds only what retention may delete and costs
   nothing on the insert path (a new row is pending). Created CONCURRENTLY,
   outside a transaction, so upgrading a live outbox does not block writes.
+- The publication publishes via the partition root, so a partitioned
+  event_outbox (by created_at, to drop old partitions) streams like a plain
+  one; for a plain table the option changes nothing.
 - outbox_prune(older_than, batch): deletes at most `batch` published rows
   published longer ago than `older_than`, oldest first, skipping rows another
   session holds; returns how many. SECURITY DEFINER, so the tailer's role
@@ -47,9 +50,11 @@ def upgrade() -> None:
         )
     op.execute(PRUNE)
     op.execute("REVOKE ALL ON FUNCTION outbox_prune(interval, integer) FROM PUBLIC")
+    op.execute("ALTER PUBLICATION event_outbox_pub SET (publish_via_partition_root = true)")
 
 
 def downgrade() -> None:
+    op.execute("ALTER PUBLICATION event_outbox_pub SET (publish_via_partition_root = false)")
     op.execute("DROP FUNCTION IF EXISTS outbox_prune(interval, integer)")
     with op.get_context().autocommit_block():
         op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")

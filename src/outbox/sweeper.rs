@@ -46,9 +46,18 @@ macro_rules! due_rows {
 }
 /// Whether any row is due: one index probe, no lock, no turn taken.
 pub const PROBE_SQL: &str = concat!("SELECT EXISTS (SELECT 1 ", due_rows!(), ")");
+/// The batch: the first 500 due rows, cut where their payloads pass `$2`
+/// bytes (the first row always goes), locked. The sizes are measured on at
+/// most 500 rows, not on the whole backlog.
 const SWEEP_WHERE: &str = concat!(
+    "FROM event_outbox WHERE id IN (SELECT id FROM (",
+    "SELECT id, row_number() OVER w AS n, sum(size) OVER w AS upto FROM (",
+    "SELECT id, next_retry_at, created_at, octet_length(payload::text) AS size ",
     due_rows!(),
-    " ORDER BY next_retry_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+    " ORDER BY next_retry_at, created_at LIMIT 500) first ",
+    "WINDOW w AS (ORDER BY next_retry_at, created_at, id)) sized WHERE n = 1 OR upto <= $2) ",
+    "AND status = 'pending' AND next_retry_at <= now() ",
+    "ORDER BY next_retry_at, created_at FOR UPDATE SKIP LOCKED"
 );
 /// The server's time, then its WAL insert position (read in that order:
 /// every commit before the time was inserted before the position).
@@ -136,6 +145,9 @@ pub(crate) struct Sweeper {
     /// Rows younger than this (before the stream's boundary) are left alone.
     min_age: Duration,
     max_retries: u32,
+    /// A batch's payload bytes, at most (the byte budget; one larger row
+    /// still goes alone).
+    max_batch_bytes: i64,
     samples: Samples,
 }
 
@@ -157,6 +169,7 @@ impl Sweeper {
         subject_prefix: String,
         min_age: Duration,
         max_retries: u32,
+        max_batch_bytes: usize,
     ) -> Sweeper {
         Sweeper {
             js,
@@ -165,6 +178,7 @@ impl Sweeper {
             subject_prefix,
             min_age,
             max_retries,
+            max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
             samples: Samples::default(),
         }
     }
@@ -202,7 +216,7 @@ impl Sweeper {
             let rows = tx
                 .query(
                     &format!("SELECT {ROW_COLUMNS}, retry_count {SWEEP_WHERE}"),
-                    &[&cutoff_time],
+                    &[&cutoff_time, &self.max_batch_bytes],
                 )
                 .await?;
             if rows.is_empty() {

@@ -15,6 +15,7 @@
 //! transaction is. Any failure ends the session; the next one resumes from
 //! the slot's confirmed position and re-delivers the rest.
 
+mod budget;
 mod publisher;
 mod reader;
 mod window;
@@ -30,6 +31,7 @@ use crate::publish::turn::PublishTurn;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
+use budget::{Budget, Held};
 use pgwire_replication::{Lsn, ReplicationClient};
 use publisher::{Chain, Publisher};
 use reader::Reader;
@@ -53,6 +55,8 @@ enum Item {
         row: OutboxRow,
         /// Its transaction's commit time (µs since 2000-01-01), for latency.
         committed_at: i64,
+        /// Its payload's share of the byte budget.
+        held: Held,
     },
     /// Everything before this position has been handed to the pipeline.
     Confirm(Lsn),
@@ -181,7 +185,8 @@ async fn stream_until_done(
         metrics.clone(),
     ));
     let replay = ReplayCheck::prepare(db.clone(), horizon).await?;
-    let mut reader = Reader::new(items_tx, replay, sweep.clone(), metrics.clone());
+    let budget = Budget::new(config.max_in_flight_bytes);
+    let mut reader = Reader::new(items_tx, replay, budget, sweep.clone(), metrics.clone());
     let mut progress = Progress::new(Lsn::ZERO);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
     let mut lag_watch = LagWatch::default();
@@ -205,7 +210,15 @@ async fn stream_until_done(
             }
             event = stream.recv() => {
                 let handled = match event {
-                    Ok(Some(event)) => reader.on_event(event).await,
+                    // The reader may wait (a full queue, the byte budget, a
+                    // replay check) while NATS is down: shutdown still wins.
+                    // Abandoning the event is safe: nothing past the last
+                    // marked position is confirmed, so it is re-delivered.
+                    Ok(Some(event)) => tokio::select! {
+                        biased;
+                        _ = shutdown.fired() => break None,
+                        handled = reader.on_event(event) => handled,
+                    },
                     Ok(None) => Err(Error::Unavailable("the server ended the replication stream".into())),
                     Err(error) => Err(error.into()),
                 };

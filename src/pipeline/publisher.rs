@@ -189,10 +189,10 @@ impl Publisher {
                 biased;
                 result = front_ack(&mut self.window) => self.settle_front(result, &batches).await?,
                 item = items.recv(), if room => match item {
-                    Some(Item::Event { row, committed_at }) => {
+                    Some(Item::Event { row, committed_at, held }) => {
                         let ack = self.chain.send(&row).await;
                         self.metrics.in_flight.inc();
-                        self.window.push_event(row, committed_at, ack);
+                        self.window.push_event(row, committed_at, ack, Some(held));
                     }
                     Some(Item::Confirm(lsn)) => self.window.push_position(lsn),
                     None => open = false,

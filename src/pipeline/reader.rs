@@ -2,6 +2,7 @@
 //! the publisher, with `Confirm` markers at transaction ends and idle
 //! keepalives.
 
+use super::budget::{Budget, Held};
 use super::Item;
 use crate::error::Error;
 use crate::event::OutboxRow;
@@ -11,9 +12,10 @@ use crate::outbox::sweeper::{parse_utc_micros, Boundary};
 use crate::pgtime::seconds_since;
 use crate::replication::pgoutput::Decoder;
 use pgwire_replication::{Lsn, ReplicationEvent};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::mpsc::Sender;
+use uuid::Uuid;
 
 /// Rows of a replayed transaction checked against the table in one query.
 const REPLAY_CHUNK: usize = 2000;
@@ -26,7 +28,9 @@ pub(super) struct Reader {
     /// The open transaction, if any.
     open: Option<OpenTransaction>,
     /// Rows of a replayed transaction waiting for their status check.
-    replayed: Vec<OutboxRow>,
+    replayed: Vec<(OutboxRow, Held)>,
+    /// Payload bytes between here and settling are capped.
+    budget: Budget,
     /// The highest position sent down the pipeline (confirms are monotonic).
     last_confirm: Lsn,
     /// Ends and commit times of the transactions not yet confirmed, oldest
@@ -41,6 +45,7 @@ impl Reader {
     pub(super) fn new(
         items: Sender<Item>,
         replay: ReplayCheck,
+        budget: Budget,
         sweep: Arc<Boundary>,
         metrics: Arc<Metrics>,
     ) -> Reader {
@@ -50,6 +55,7 @@ impl Reader {
             replay,
             open: None,
             replayed: Vec::new(),
+            budget,
             last_confirm: Lsn::ZERO,
             unconfirmed: VecDeque::new(),
             sweep,
@@ -116,14 +122,15 @@ impl Reader {
                 let Some(row) = self.decoder.decode(&data)? else {
                     return Ok(());
                 };
+                let held = self.hold(&row).await?;
                 if self.must_check(&row) {
-                    self.replayed.push(row);
+                    self.replayed.push((row, held));
                     if self.replayed.len() >= REPLAY_CHUNK {
                         self.publish_replayed().await?;
                     }
                     Ok(())
                 } else {
-                    self.publish(row).await
+                    self.publish(row, held).await
                 }
             }
             ReplicationEvent::Commit {
@@ -157,10 +164,30 @@ impl Reader {
         }
     }
 
+    /// Takes `row`'s share of the byte budget, waiting while the events
+    /// ahead of it hold it all. A replay chunk holds bytes too: it is checked
+    /// and sent on first, so what it holds comes back as it is acked.
+    async fn hold(&mut self, row: &OutboxRow) -> Result<Held, Error> {
+        let bytes = row.payload.len()
+            + row.aggregate_type.len()
+            + row.aggregate_id.len()
+            + row.event_type.len();
+        if let Some(held) = self.budget.try_hold(bytes) {
+            return Ok(held);
+        }
+        self.publish_replayed().await?;
+        Ok(self.budget.hold(bytes).await)
+    }
+
     /// Hands `row` to the publisher.
-    async fn publish(&mut self, row: OutboxRow) -> Result<(), Error> {
+    async fn publish(&mut self, row: OutboxRow, held: Held) -> Result<(), Error> {
         let committed_at = self.open.map_or(0, |tx| tx.committed_at);
-        self.send(Item::Event { row, committed_at }).await
+        self.send(Item::Event {
+            row,
+            committed_at,
+            held,
+        })
+        .await
     }
 
     /// Publishes the buffered rows of a replayed transaction, except those an
@@ -170,7 +197,14 @@ impl Reader {
         if self.replayed.is_empty() {
             return Ok(());
         }
-        let rows = std::mem::take(&mut self.replayed);
+        let (rows, mut held): (Vec<OutboxRow>, HashMap<Uuid, Held>) =
+            std::mem::take(&mut self.replayed)
+                .into_iter()
+                .map(|(row, h)| {
+                    let id = row.id;
+                    (row, (id, h))
+                })
+                .unzip();
         let xid = self.open.map_or(0, |tx| tx.xid);
         let outcome = self.replay.check(xid, rows).await?;
         if outcome.settled + outcome.deleted > 0 {
@@ -184,7 +218,12 @@ impl Reader {
             );
         }
         for row in outcome.publish {
-            self.publish(row).await?;
+            // Rows skipped return their share as `held` drops.
+            let share = match held.remove(&row.id) {
+                Some(share) => share,
+                None => self.budget.hold(row.payload.len()).await,
+            };
+            self.publish(row, share).await?;
         }
         Ok(())
     }

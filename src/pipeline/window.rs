@@ -9,6 +9,7 @@
 //!   safe to confirm once those events are marked;
 //! - go-back-N walks every event still in the window, oldest first.
 
+use super::budget::Held;
 use crate::event::OutboxRow;
 use pgwire_replication::Lsn;
 use std::collections::VecDeque;
@@ -22,8 +23,13 @@ pub(super) struct Sent<A> {
     pub(super) attempts: u32,
     /// What answers its publish (the JetStream ack future).
     pub(super) ack: A,
+    /// Its share of the byte budget, returned when it settles.
+    _held: Option<Held>,
 }
 
+/// Nearly every slot is an event, so boxing it would only add an allocation
+/// per event.
+#[allow(clippy::large_enum_variant)]
 enum Slot<A> {
     Event(Sent<A>),
     Confirm(Lsn),
@@ -57,13 +63,20 @@ impl<A> Window<A> {
         self.events
     }
 
-    pub(super) fn push_event(&mut self, row: OutboxRow, committed_at: i64, ack: A) {
+    pub(super) fn push_event(
+        &mut self,
+        row: OutboxRow,
+        committed_at: i64,
+        ack: A,
+        held: Option<Held>,
+    ) {
         self.events += 1;
         self.slots.push_back(Slot::Event(Sent {
             row,
             committed_at,
             attempts: 0,
             ack,
+            _held: held,
         }));
     }
 
@@ -138,10 +151,10 @@ mod tests {
     /// A window of events 1, 2 | position 10 | event 3 | position 20, 30.
     fn window() -> Window<&'static str> {
         let mut w = Window::new();
-        w.push_event(row(1), 0, "ack-1");
-        w.push_event(row(2), 0, "ack-2");
+        w.push_event(row(1), 0, "ack-1", None);
+        w.push_event(row(2), 0, "ack-2", None);
         w.push_position(Lsn(10));
-        w.push_event(row(3), 0, "ack-3");
+        w.push_event(row(3), 0, "ack-3", None);
         w.push_position(Lsn(20));
         w.push_position(Lsn(30));
         w

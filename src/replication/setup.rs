@@ -17,6 +17,8 @@ pub enum SetupError {
     NotReplicationRole(String),
     #[error("publication {name:?} is missing and cannot be created ({reason}): run `alembic upgrade head`, or CREATE PUBLICATION {name} FOR TABLE {OUTBOX_TABLE} WITH (publish = 'insert') as the table's owner")]
     Publication { name: String, reason: String },
+    #[error("{OUTBOX_TABLE} is partitioned but publication {name:?} publishes its partitions under their own names, so the stream would miss every event; cannot fix it ({reason}): run `alembic upgrade head`, or ALTER PUBLICATION {name} SET (publish_via_partition_root = true) as its owner")]
+    PartitionRoot { name: String, reason: String },
     #[error("table {OUTBOX_TABLE} does not exist: run `alembic upgrade head` (or psql -f sql/schema.sql)")]
     NoOutboxTable,
     #[error("replication slot {name:?} uses plugin {plugin:?} on database {database:?}; outbox-tailer needs a pgoutput slot on {expected:?}: drop it or choose another --slot")]
@@ -100,13 +102,16 @@ pub(crate) async fn check_server(db: &Client) -> Result<(), SetupError> {
 async fn ensure_publication(db: &Client, name: &str) -> Result<(), SetupError> {
     let existing = db
         .query_opt(
-            "SELECT pubupdate OR pubdelete OR pubtruncate FROM pg_publication WHERE pubname = $1",
+            "SELECT pubupdate OR pubdelete OR pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
         .await?;
     if let Some(row) = existing {
         if row.get::<_, bool>(0) {
             tracing::warn!(publication = name, "publication also publishes updates/deletes/truncates; they are skipped, but cost decoding work: ALTER PUBLICATION {name} SET (publish = 'insert')");
+        }
+        if !row.get::<_, bool>(1) && outbox_is_partitioned(db).await? {
+            return via_partition_root(db, name).await;
         }
         return Ok(());
     }
@@ -118,8 +123,10 @@ async fn ensure_publication(db: &Client, name: &str) -> Result<(), SetupError> {
         return Err(SetupError::NoOutboxTable);
     }
     // The name passed validation ([a-z_][a-z0-9_]*), so it needs no quoting.
-    let create =
-        format!("CREATE PUBLICATION {name} FOR TABLE {OUTBOX_TABLE} WITH (publish = 'insert')");
+    let create = format!(
+        "CREATE PUBLICATION {name} FOR TABLE {OUTBOX_TABLE} \
+         WITH (publish = 'insert', publish_via_partition_root = true)"
+    );
     match db.batch_execute(&create).await {
         Ok(()) => {
             tracing::info!(publication = name, "created publication");
@@ -128,6 +135,36 @@ async fn ensure_publication(db: &Client, name: &str) -> Result<(), SetupError> {
         // Another tailer created it a moment ago.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
         Err(e) => Err(SetupError::Publication {
+            name: name.to_owned(),
+            reason: error_text(&e),
+        }),
+    }
+}
+
+/// Whether `event_outbox` is a partitioned table (declarative partitioning).
+async fn outbox_is_partitioned(db: &Client) -> Result<bool, SetupError> {
+    let kind: Option<i8> = db
+        .query_opt(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass($1)",
+            &[&OUTBOX_TABLE],
+        )
+        .await?
+        .map(|row| row.get(0));
+    Ok(kind == Some(b'p' as i8))
+}
+
+/// A partitioned outbox must be published via its root: otherwise pgoutput
+/// names each leaf partition, the stream sees no `event_outbox` insert and
+/// only the slow catch-up path would publish them, out of order. Fixed when
+/// the role may (the publication's owner), refused with the fix otherwise.
+async fn via_partition_root(db: &Client, name: &str) -> Result<(), SetupError> {
+    let alter = format!("ALTER PUBLICATION {name} SET (publish_via_partition_root = true)");
+    match db.batch_execute(&alter).await {
+        Ok(()) => {
+            tracing::warn!(publication = name, "event_outbox is partitioned: set publish_via_partition_root = true on the publication");
+            Ok(())
+        }
+        Err(e) => Err(SetupError::PartitionRoot {
             name: name.to_owned(),
             reason: error_text(&e),
         }),

@@ -64,7 +64,9 @@ pub(crate) fn replication_config(
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(4096)
+        // Events decoded ahead of the reader: a few, since each may carry a
+        // payload near NATS's 1 MB limit (the byte budget starts after them).
+        .with_buffer_size(REPLICATION_BUFFER)
         .with_application_name("outbox-tailer")
         .with_options("-c datestyle=ISO -c timezone=UTC")
 }
@@ -96,6 +98,10 @@ pub(crate) async fn open(config: &Config) -> Result<ReplicationClient, Error> {
     client.wait_started().await?;
     Ok(client)
 }
+
+/// Replication messages buffered between pgwire-replication's socket reader
+/// and ours: at most this many payloads sit outside the byte budget.
+const REPLICATION_BUFFER: usize = 32;
 
 /// How long connecting and the TLS handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,6 +11,9 @@
 //!   commit→JetStream latency.
 //! - paced: 300 single-row transactions/s; commit→JetStream latency p50/p99.
 //! - big (tailer only): one transaction of 200,000 inserts; peak RSS.
+//! - prune (tailer only, not run by default): the paced load beside 500,000
+//!   old published rows, then again with `outbox-tailer prune` deleting them
+//!   meanwhile: what retention costs the live stream's latency.
 //!
 //! Latency runs from the database's commit timestamp
 //! (`track_commit_timestamp=on`, read back per transaction id) to the time
@@ -58,7 +61,10 @@ struct Args {
     /// Inserts in the one big transaction.
     #[arg(long, default_value_t = 200_000)]
     big: usize,
-    /// Run only these phases (drain, live, paced, big).
+    /// Old published rows in the prune phase.
+    #[arg(long, default_value_t = 500_000)]
+    prune_rows: usize,
+    /// Run only these phases (drain, live, paced, big, prune).
     #[arg(long, value_delimiter = ',', default_value = "drain,live,paced,big")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit (on: as production runs;
@@ -179,11 +185,16 @@ async fn main() -> Result<()> {
                 }
             }
             "big" => report.push(bench.big().await?),
+            "prune" => {
+                for pruning in [false, true] {
+                    report.push(bench.prune(pruning).await?);
+                }
+            }
             other => return Err(format!("unknown phase {other}").into()),
         }
     }
     println!(
-        "\n{:<8} {:<10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}  note",
+        "\n{:<8} {:<12} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}  note",
         "phase", "who", "events", "events/s", "p50 ms", "p99 ms", "cpu s", "rss MB"
     );
     for line in &report {
@@ -240,7 +251,7 @@ impl std::fmt::Display for Line {
         });
         write!(
             f,
-            "{:<8} {:<10} {:>10} {:>10.0} {:>9} {:>9} {:>8.2} {:>8.1}  {}",
+            "{:<8} {:<12} {:>10} {:>10.0} {:>9} {:>9} {:>8.2} {:>8.1}  {}",
             self.phase,
             self.who,
             self.events,
@@ -492,6 +503,25 @@ impl Bench<'_> {
             .state
             .last_sequence
             + 1;
+        let (commits, rate) = self.paced_load().await?;
+        self.wait_drained(Duration::from_secs(120)).await?;
+        let usage = process.usage();
+        process.stop();
+        let latency = self.latency(&commits, first_seq).await?;
+        Ok(Line {
+            phase: "paced",
+            who: publisher.name(),
+            events: commits.len(),
+            rate,
+            latency: Some(latency),
+            usage,
+            note: format!("{} single-row transactions/s offered", self.args.paced_rate),
+        })
+    }
+
+    /// `--paced-rate` single-row transactions a second for `--paced-seconds`;
+    /// the commits and the rate achieved.
+    async fn paced_load(&self) -> Result<(Vec<Commit>, f64)> {
         let producer = Producer::connect(&self.url).await?;
         let total = self.args.paced_rate * self.args.paced_seconds;
         let mut tick =
@@ -503,19 +533,72 @@ impl Bench<'_> {
             tick.tick().await;
             commits.push(producer.single().await?);
         }
-        let rate = total as f64 / started.elapsed().as_secs_f64();
+        Ok((commits, total as f64 / started.elapsed().as_secs_f64()))
+    }
+
+    /// The paced load on an outbox holding `--prune-rows` old published rows,
+    /// without (`pruning` false) and with `outbox-tailer prune --older-than
+    /// 7d` deleting them meanwhile: what retention costs the live stream.
+    async fn prune(&self, pruning: bool) -> Result<Line> {
+        self.reset().await?;
+        self.db
+            .batch_execute(&format!(
+                "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, published_at, created_at) \
+                 SELECT 'chat', 'old-' || (i % 1000), 'message.created', jsonb_build_object('n', i, 'text', repeat('x', 300)), \
+                        'published', now() - interval '8 days' + make_interval(secs => i / 1000.0), now() - interval '8 days' \
+                 FROM generate_series(1, {}) i; VACUUM ANALYZE event_outbox",
+                self.args.prune_rows
+            ))
+            .await?;
+        let process = self.start(Publisher::Tailer)?;
+        wait_slot_active(&self.db, true).await?;
+        let first_seq = self
+            .js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence
+            + 1;
+        let pruner = if pruning {
+            Some(
+                tokio::process::Command::new(tailer_bin()?)
+                    .args(["prune", "--older-than", "7d"])
+                    .env("DATABASE_URL", &self.url)
+                    .stdout(Stdio::piped())
+                    .spawn()?,
+            )
+        } else {
+            None
+        };
+        let (commits, rate) = self.paced_load().await?;
+        let note = match pruner {
+            Some(pruner) => {
+                let output = pruner.wait_with_output().await?;
+                format!(
+                    "{} (prune running from the start of the load: {})",
+                    self.args.paced_rate,
+                    String::from_utf8_lossy(&output.stdout).trim()
+                )
+            }
+            None => format!(
+                "{} txn/s beside {} old published rows",
+                self.args.paced_rate, self.args.prune_rows
+            ),
+        };
         self.wait_drained(Duration::from_secs(120)).await?;
         let usage = process.usage();
         process.stop();
         let latency = self.latency(&commits, first_seq).await?;
         Ok(Line {
-            phase: "paced",
-            who: publisher.name(),
-            events: total as usize,
+            phase: "prune",
+            who: if pruning { "tailer+prune" } else { "tailer" },
+            events: commits.len(),
             rate,
             latency: Some(latency),
             usage,
-            note: format!("{} single-row transactions/s offered", self.args.paced_rate),
+            note,
         })
     }
 
