@@ -11,6 +11,7 @@ use crate::publish::jetstream;
 use crate::publish::turn::PublishTurn;
 use crate::replication::setup::{self, SetupError};
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervised;
 use crate::{http, pipeline, stats};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,12 +65,16 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             other => other?,
         }
     }
-    tokio::spawn(stats::poll(
-        config.clone(),
-        metrics.clone(),
-        config.stats_interval,
-        shutdown.clone(),
-    ));
+    let mut tasks = Supervised::new(shutdown.clone(), metrics.clone());
+    tasks.spawn(
+        "statistics poller",
+        stats::poll(
+            config.clone(),
+            metrics.clone(),
+            config.stats_interval,
+            shutdown.clone(),
+        ),
+    );
     let (client, connects) = jetstream::connect(config, metrics.clone()).await?;
     let js = jetstream::context(client);
     let sweep = Arc::new(Boundary::default());
@@ -88,37 +93,51 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         config.max_retries,
         config.max_in_flight_bytes,
     );
-    tokio::spawn(run_sweeper(
-        config.clone(),
-        sweeper,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    tasks.spawn(
+        "sweeper",
+        run_sweeper(config.clone(), sweeper, metrics.clone(), shutdown.clone()),
+    );
     if let Some(retention) = config.retention {
-        tokio::spawn(run_retention(
-            config.clone(),
-            retention,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        tasks.spawn(
+            "retention",
+            run_retention(config.clone(), retention, metrics.clone(), shutdown.clone()),
+        );
     }
+    // A background task that ends before shutdown (a panic, a bug) ends the
+    // process: exit non-zero, and the container restarts it, rather than
+    // run on without catch-up or statistics.
+    tokio::select! {
+        biased;
+        error = tasks.first_death() => Err(error),
+        result = sessions(config, &js, &nats, &metrics, &sweep, &mut shutdown) => result,
+    }
+}
+
+/// Starts sessions until shutdown, or an error an operator must fix.
+async fn sessions(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    nats: &pipeline::Nats,
+    metrics: &Arc<Metrics>,
+    sweep: &Arc<Boundary>,
+    shutdown: &mut Shutdown,
+) -> Result<(), Error> {
     let mut attempt = 0;
     // Logged once on becoming a standby, not on every poll.
     let mut standby = false;
     loop {
         // Every session checks the stream: one deleted meanwhile is recreated.
-        if !ensure_stream(&js, config, &mut shutdown).await {
+        if !ensure_stream(js, config, shutdown).await {
             return Ok(());
         }
         let started = Instant::now();
-        let error =
-            match pipeline::run_session(config, &nats, &metrics, &sweep, &mut shutdown).await {
-                Ok(drained) => {
-                    tracing::info!(confirmed = %drained.confirmed, "stopped");
-                    return Ok(());
-                }
-                Err(error) => error,
-            };
+        let error = match pipeline::run_session(config, nats, metrics, sweep, shutdown).await {
+            Ok(drained) => {
+                tracing::info!(confirmed = %drained.confirmed, "stopped");
+                return Ok(());
+            }
+            Err(error) => error,
+        };
         if error.action() == Action::Stop {
             return Err(error);
         }
@@ -140,7 +159,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             tracing::warn!(%error, retry_in = ?delay, "replication session ended; reconnecting");
             delay
         };
-        if sleep_or_shutdown(delay, &mut shutdown).await {
+        if sleep_or_shutdown(delay, shutdown).await {
             return Ok(());
         }
     }
@@ -269,7 +288,14 @@ async fn ensure_stream(
 ) -> bool {
     let mut attempt = 0;
     loop {
-        match jetstream::ensure_stream(js, config).await {
+        // A JetStream request waits up to its timeout while NATS is down:
+        // shutdown must not wait for it.
+        let ensured = tokio::select! {
+            biased;
+            _ = shutdown.fired() => return false,
+            ensured = jetstream::ensure_stream(js, config) => ensured,
+        };
+        match ensured {
             Ok(()) => return true,
             Err(error) => {
                 let delay = Backoff::RECONNECT.delay(attempt);

@@ -8,7 +8,8 @@
 //!   stream, pgoutput decoding (pure), LSN progress.
 //! - [`publish`]: subjects and messages (pure), failure classes, the JetStream
 //!   connection and stream, and whose turn it is to publish (stream or sweeper).
-//! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`].
+//! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`];
+//!   [`supervise`]: background tasks that must not die silently.
 //! - [`metrics`]: every exported metric; [`http`]: /metrics, /healthz, /readyz;
 //!   [`stats`]: the outbox's state from the database (gauges and `status`).
 //! - [`config`]: the command line and environment (the contract's flags) and
@@ -57,6 +58,7 @@ mod pipeline;
 mod publish;
 mod replication;
 mod stats;
+mod supervise;
 
 /// Internals the workspace's integration tests and the benchmark's polling
 /// relay use. Not a stable API.

@@ -35,6 +35,8 @@ pub(crate) struct Metrics {
     pub stream_limit_reached: IntGauge,
     /// Published rows deleted by retention (`prune`, `--retention`).
     pub pruned: IntCounter,
+    /// Background tasks that ended before shutdown (the process then exits).
+    pub task_failures: IntCounter,
     pub slot_active: IntGauge,
     pub in_flight: IntGauge,
     pub mark_batch_size: Histogram,
@@ -141,6 +143,10 @@ impl Metrics {
             ),
             replication_connected: int_gauge("outbox_replication_connected", "1 while the replication stream is open."),
             nats_connected: int_gauge("outbox_nats_connected", "1 while connected to NATS."),
+            task_failures: counter(
+                "outbox_task_failures_total",
+                "Background tasks (sweeper, statistics, retention) that ended before shutdown; the process exits after one.",
+            ),
             pruned: counter(
                 "outbox_pruned_events_total",
                 "Published rows deleted by retention (prune, --retention).",

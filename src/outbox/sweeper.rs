@@ -37,7 +37,8 @@ const ROW_COLUMN_COUNT: usize = 8;
 /// The columns [`row_from`] reads, in its order.
 pub const ROW_COLUMNS: &str =
     "id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
-     payload::text, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'";
+     payload::text, \
+     coalesce(to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', created_at::text)";
 /// The rows the sweeper may take: pending, due, created before the cutoff ($1).
 macro_rules! due_rows {
     () => {
@@ -232,8 +233,8 @@ impl Sweeper {
                 .fetch_max(cutoff, Ordering::Relaxed);
             let mut sent = Vec::with_capacity(rows.len());
             for r in &rows {
-                let row = row_from(r);
-                let retries = u32::try_from(r.get::<_, i32>(ROW_COLUMN_COUNT)).unwrap_or(0);
+                let row = row_from(r)?;
+                let retries = u32::try_from(r.try_get::<_, i32>(ROW_COLUMN_COUNT)?).unwrap_or(0);
                 let message = Message::from_row(&self.subject_prefix, &row);
                 let ack = match refuse(&message.subject) {
                     Some(error) => Err(error),
@@ -290,17 +291,18 @@ impl Sweeper {
 
 /// An outbox row read with [`ROW_COLUMNS`], as the stream would deliver it
 /// (the payload as PostgreSQL renders the jsonb, the time in ISO UTC).
-pub fn row_from(r: &tokio_postgres::Row) -> OutboxRow {
-    OutboxRow {
-        id: r.get(0),
-        aggregate_type: r.get(1),
-        aggregate_id: r.get(2),
-        user_id: r.get(3),
-        project_id: r.get(4),
-        event_type: r.get(5),
-        payload: bytes::Bytes::from(r.get::<_, String>(6)),
-        created_at: r.get(7),
-    }
+pub fn row_from(r: &tokio_postgres::Row) -> Result<OutboxRow, tokio_postgres::Error> {
+    Ok(OutboxRow {
+        id: r.try_get(0)?,
+        aggregate_type: r.try_get(1)?,
+        aggregate_id: r.try_get(2)?,
+        user_id: r.try_get(3)?,
+        project_id: r.try_get(4)?,
+        event_type: r.try_get(5)?,
+        payload: bytes::Bytes::from(r.try_get::<_, String>(6)?),
+        // `infinity` has no to_char rendering: its own text, never a NULL.
+        created_at: r.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

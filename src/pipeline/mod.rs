@@ -105,7 +105,14 @@ pub(crate) async fn run_session(
     shutdown: &mut Shutdown,
 ) -> Result<Drained, Error> {
     metrics.sessions.inc();
-    let result = match Opened::open(config).await {
+    // Connecting waits up to its timeout on a server that does not answer:
+    // shutdown must not wait for it (nothing is in flight yet).
+    let opened = tokio::select! {
+        biased;
+        _ = shutdown.fired() => return Ok(Drained { confirmed: Lsn::ZERO }),
+        opened = Opened::open(config) => opened,
+    };
+    let result = match opened {
         Ok(opened) => {
             metrics.replication_connected.set(1);
             stream_until_done(config, nats, metrics, sweep, shutdown, opened).await

@@ -79,7 +79,11 @@ pub fn rfc3339(text: &str) -> String {
     if !shaped {
         return text.to_owned();
     }
-    let Some(sign_at) = text[19..].find(['+', '-']).map(|i| i + 19) else {
+    let Some(sign_at) = text
+        .get(19..)
+        .and_then(|rest| rest.find(['+', '-']))
+        .map(|i| i + 19)
+    else {
         return text.to_owned();
     };
     let (datetime, offset) = text.split_at(sign_at);

@@ -22,6 +22,7 @@ mod odd_input;
 mod partitioned;
 mod retention;
 mod schema;
+mod shutdown;
 mod soak;
 mod startup;
 mod sweeper;

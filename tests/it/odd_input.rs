@@ -76,3 +76,63 @@ async fn odd_names_and_payloads_publish_or_fail_cleanly() {
     }
     assert!(!tailer.output().contains("panicked"));
 }
+
+/// Rows of odd timestamps, through the stream and through the sweeper: no
+/// row content may panic a task (a panic would end the process, which is
+/// what supervision does with one, and the test would see the exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_timestamps_publish_through_the_stream_and_the_sweeper() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let insert = |aggregate: &'static str, at: &'static str| {
+        let db = &db;
+        async move {
+            db.execute(
+                "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, created_at) \
+                 VALUES ('chat', $1, 'message.created', '{}', $2::text::timestamptz)",
+                &[&aggregate, &at],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // Before the slot exists: only the sweeper can publish these. (It takes
+    // rows created before its horizon, so not `infinity` or year 9999.)
+    insert("swept-minus-infinity", "-infinity").await;
+    insert("swept-year-1", "0001-01-01 00:00:00+00").await;
+    let mut tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    for (aggregate, at) in [
+        ("streamed-minus-infinity", "-infinity"),
+        ("streamed-infinity", "infinity"),
+        ("streamed-year-1", "0001-01-01 00:00:00+00"),
+        ("streamed-year-9999", "9999-12-31 23:59:59.999999+00"),
+    ] {
+        insert(aggregate, at).await;
+    }
+    let js = env.js().await;
+    wait_all_published(&db, &js, STREAM, 6, Duration::from_secs(60)).await;
+    let created: std::collections::HashMap<String, String> = read_stream(&js, STREAM)
+        .await
+        .iter()
+        .map(|m| {
+            let header = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            (header("Outbox-Aggregate-Id"), header("Outbox-Created-At"))
+        })
+        .collect();
+    assert_eq!(created["streamed-infinity"], "infinity");
+    assert_eq!(created["streamed-minus-infinity"], "-infinity");
+    assert_eq!(created["swept-minus-infinity"], "-infinity");
+    assert_eq!(created["streamed-year-1"], "0001-01-01T00:00:00Z");
+    assert_eq!(created["swept-year-1"], "0001-01-01T00:00:00.000000Z");
+    assert_eq!(created["streamed-year-9999"], "9999-12-31T23:59:59.999999Z");
+    assert!(
+        tailer.wait_exit(Duration::ZERO).is_none(),
+        "still running:\n{}",
+        tailer.output()
+    );
+}

@@ -167,27 +167,33 @@ async fn main() -> Result<()> {
         .filter(|p| args.tls || *p != Publisher::TailerTls)
         .collect();
     let mut report = Vec::new();
+    // Each line is printed as soon as it is measured (a later failure keeps
+    // it), and the whole table again at the end.
+    let mut record = |line: Line| {
+        println!("result   {line}");
+        report.push(line);
+    };
     for phase in &args.phases {
         match phase.as_str() {
             "drain" => {
                 for &publisher in &publishers {
-                    report.push(bench.drain(publisher).await?);
+                    record(bench.drain(publisher).await?);
                 }
             }
             "live" => {
                 for &publisher in &publishers {
-                    report.push(bench.live(publisher).await?);
+                    record(bench.live(publisher).await?);
                 }
             }
             "paced" => {
                 for &publisher in &publishers {
-                    report.push(bench.paced(publisher).await?);
+                    record(bench.paced(publisher).await?);
                 }
             }
-            "big" => report.push(bench.big().await?),
+            "big" => record(bench.big().await?),
             "prune" => {
                 for pruning in [false, true] {
-                    report.push(bench.prune(pruning).await?);
+                    record(bench.prune(pruning).await?);
                 }
             }
             other => return Err(format!("unknown phase {other}").into()),
@@ -546,10 +552,11 @@ impl Bench<'_> {
                 "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, published_at, created_at) \
                  SELECT 'chat', 'old-' || (i % 1000), 'message.created', jsonb_build_object('n', i, 'text', repeat('x', 300)), \
                         'published', now() - interval '8 days' + make_interval(secs => i / 1000.0), now() - interval '8 days' \
-                 FROM generate_series(1, {}) i; VACUUM ANALYZE event_outbox",
+                 FROM generate_series(1, {}) i",
                 self.args.prune_rows
             ))
             .await?;
+        self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
         let process = self.start(Publisher::Tailer)?;
         wait_slot_active(&self.db, true).await?;
         let first_seq = self
@@ -918,7 +925,7 @@ async fn relay(database_url: &str, nats_url: &str) -> Result<()> {
         let mut acks = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for r in &rows {
-            let row = row_from(r);
+            let row = row_from(r)?;
             let message = Message::from_row("events", &row);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(message.body)
