@@ -221,6 +221,21 @@ async fn every_nats_credential_connects_and_wrong_ones_are_refused() {
     let token_file = certs.dir().join("token");
     std::fs::write(&token_file, "t0ken-s3cret\n").unwrap();
     let token_file = token_file.display().to_string();
+    // A well-formed .creds file (a user JWT and an nkey seed): the client
+    // reads and sends it, but this server has no operator to vouch for the
+    // JWT, so it refuses it. (End to end needs an operator/account JWT setup.)
+    let creds_file = certs.dir().join("user.creds");
+    std::fs::write(
+        &creds_file,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJl",
+            nkeys::KeyPair::new_user().seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let creds = creds_file.display().to_string();
 
     // Each connects, authenticates and creates the stream (`setup` exits 0).
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
