@@ -35,6 +35,8 @@ pub(crate) struct Metrics {
     pub stream_limit_reached: IntGauge,
     /// Published rows deleted by retention (`prune`, `--retention`).
     pub pruned: IntCounter,
+    /// Mark batches that waited for rows whose transaction was not visible yet.
+    pub mark_invisible_waits: IntCounter,
     /// Background tasks that ended before shutdown (the process then exits).
     pub task_failures: IntCounter,
     pub slot_active: IntGauge,
@@ -143,6 +145,10 @@ impl Metrics {
             ),
             replication_connected: int_gauge("outbox_replication_connected", "1 while the replication stream is open."),
             nats_connected: int_gauge("outbox_nats_connected", "1 while connected to NATS."),
+            mark_invisible_waits: counter(
+                "outbox_mark_invisible_waits_total",
+                "Mark batches that waited for rows whose transaction was decoded but not yet visible (e.g. a stalled synchronous standby).",
+            ),
             task_failures: counter(
                 "outbox_task_failures_total",
                 "Background tasks (sweeper, statistics, retention) that ended before shutdown; the process exits after one.",

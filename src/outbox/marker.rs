@@ -3,12 +3,16 @@
 //! `--event-logs` the `event_logs` projection in the same statement.
 //!
 //! The marker *proves* every id was marked (`RETURNING id`). Logical decoding
-//! can hand a transaction over the moment its commit record is flushed, a
-//! moment before other sessions see its rows; an UPDATE in that moment
-//! matches nothing. Missing ids are retried briefly; the LSN is confirmed only
-//! after the whole batch is marked.
+//! can hand a transaction over the moment its commit record is flushed, before
+//! other sessions see its rows (for as long as a synchronous standby stalls);
+//! an UPDATE then matches nothing. A missing row is retried until its
+//! transaction is visible (`outbox::visibility`): then it is either marked or
+//! truly gone (deleted). The LSN is confirmed only after the whole batch is
+//! settled, so a row is never left `pending` behind a confirmed position for
+//! the sweeper to publish a second time.
 
-use std::collections::HashSet;
+use super::visibility;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
@@ -28,10 +32,12 @@ const MARK_AND_LOG_SQL: &str = "WITH marked AS ( \
 /// Rows already past `pending`: marked by an earlier run, or dead-lettered.
 const SETTLED_SQL: &str = "SELECT id FROM event_outbox WHERE id = ANY($1) AND status <> 'pending'";
 
-/// How long a row that the UPDATE could not see is waited for. The
-/// visibility gap lasts microseconds; a row still unseen after this is gone
-/// (deleted in its own transaction, or by a cleanup job).
+/// How long a row whose transaction is unknown (no xid given) is waited for
+/// before it counts as gone.
 const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
+/// A safety net: a row whose transaction is still not visible after this
+/// (nothing legitimate takes so long) counts as gone, with a warning.
+const INVISIBLE_LIMIT: Duration = Duration::from_secs(600);
 
 /// What one batch came to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +48,8 @@ pub struct Marked {
     pub retries: usize,
     /// Rows that no longer exist; their events were published all the same.
     pub vanished: usize,
+    /// Whether the batch waited for rows whose transaction was not visible yet.
+    pub waited_invisible: bool,
 }
 
 pub struct Marker {
@@ -62,8 +70,15 @@ impl Marker {
         Ok(Marker { mark, settled })
     }
 
-    /// Marks every id published, or returns an error (and the caller confirms nothing).
-    pub async fn mark(&self, db: &Client, ids: &[Uuid]) -> Result<Marked, tokio_postgres::Error> {
+    /// Marks every id published, or returns an error (and the caller
+    /// confirms nothing). `xids[i]` is the transaction of `ids[i]` (empty:
+    /// unknown), to tell a row not visible yet from one that is gone.
+    pub async fn mark(
+        &self,
+        db: &Client,
+        ids: &[Uuid],
+        xids: &[u32],
+    ) -> Result<Marked, tokio_postgres::Error> {
         let first = db.query(&self.mark, &[&ids]).await?;
         // Ids in a batch are distinct (primary keys of committed inserts), so
         // equal counts prove every one was marked.
@@ -77,6 +92,7 @@ impl Marker {
             marked: first.len(),
             ..Marked::default()
         };
+        let xid_of: HashMap<Uuid, u32> = ids.iter().copied().zip(xids.iter().copied()).collect();
         let done: HashSet<Uuid> = first.iter().map(|row| row.get(0)).collect();
         let mut missing: Vec<Uuid> = ids
             .iter()
@@ -97,22 +113,52 @@ impl Marker {
             if missing.is_empty() {
                 return Ok(outcome);
             }
-            if started.elapsed() >= VISIBILITY_WAIT {
-                tracing::warn!(count = missing.len(), first = %missing[0],
-                    "published events whose rows no longer exist; nothing to mark");
-                outcome.vanished = missing.len();
-                return Ok(outcome);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
-            outcome.retries += 1;
+            // Visible before the UPDATE below: a row it still cannot find
+            // is gone, not late.
+            let mut xids: Vec<u32> = missing
+                .iter()
+                .filter_map(|id| xid_of.get(id).copied())
+                .collect();
+            xids.sort_unstable();
+            xids.dedup();
+            let visible = visibility::visible(db, &xids).await?;
             let rows = db.query(&self.mark, &[&missing]).await?;
             outcome.marked += rows.len();
             let done: HashSet<Uuid> = rows.iter().map(|row| row.get(0)).collect();
             missing.retain(|id| !done.contains(id));
+            let elapsed = started.elapsed();
+            let (gone, waiting): (Vec<Uuid>, Vec<Uuid>) =
+                missing.iter().partition(|id| match xid_of.get(id) {
+                    Some(xid) => visible.contains(xid) || elapsed >= INVISIBLE_LIMIT,
+                    None => elapsed >= VISIBILITY_WAIT,
+                });
+            if !gone.is_empty() {
+                // Visible transactions whose rows are not there: deleted since.
+                let settled_now: HashSet<Uuid> = db
+                    .query(&self.settled, &[&gone])
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                let vanished = gone.iter().filter(|id| !settled_now.contains(id)).count();
+                if vanished > 0 {
+                    tracing::warn!(count = vanished, first = %gone[0],
+                        "published events whose rows no longer exist; nothing to mark");
+                }
+                outcome.vanished += vanished;
+            }
+            missing = waiting;
             if missing.is_empty() {
                 return Ok(outcome);
             }
+            if !outcome.waited_invisible && elapsed >= VISIBILITY_WAIT {
+                outcome.waited_invisible = true;
+                tracing::warn!(count = missing.len(), first = %missing[0],
+                    "published events whose transactions are not visible yet (a stalled synchronous standby?); waiting to mark them");
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+            outcome.retries += 1;
         }
     }
 

@@ -7,3 +7,4 @@ pub(crate) mod marker;
 pub(crate) mod replay;
 pub(crate) mod retention;
 pub(crate) mod sweeper;
+pub(crate) mod visibility;

@@ -55,6 +55,8 @@ enum Item {
         row: OutboxRow,
         /// Its transaction's commit time (µs since 2000-01-01), for latency.
         committed_at: i64,
+        /// Its transaction's id (32 bits, as the stream gives it).
+        xid: u32,
         /// Its payload's share of the byte budget.
         held: Held,
     },
@@ -70,6 +72,8 @@ const QUEUED: usize = 1024;
 #[derive(Debug, Default)]
 struct Batch {
     ids: Vec<Uuid>,
+    /// `xids[i]`: the transaction of `ids[i]`.
+    xids: Vec<u32>,
     confirm: Option<Lsn>,
 }
 
@@ -278,7 +282,10 @@ async fn mark_batches(
     while let Some(batch) = batches.recv().await {
         if !batch.ids.is_empty() {
             metrics.mark_batch_size.observe(batch.ids.len() as f64);
-            let outcome = marker.mark(&db, &batch.ids).await?;
+            let outcome = marker.mark(&db, &batch.ids, &batch.xids).await?;
+            if outcome.waited_invisible {
+                metrics.mark_invisible_waits.inc();
+            }
             metrics.mark_retries.inc_by(outcome.retries as u64);
             metrics.marked_vanished.inc_by(outcome.vanished as u64);
             if outcome.retries > 0 || outcome.vanished > 0 {

@@ -189,10 +189,10 @@ impl Publisher {
                 biased;
                 result = front_ack(&mut self.window) => self.settle_front(result, &batches).await?,
                 item = items.recv(), if room => match item {
-                    Some(Item::Event { row, committed_at, held }) => {
+                    Some(Item::Event { row, committed_at, xid, held }) => {
                         let ack = self.chain.send(&row).await;
                         self.metrics.in_flight.inc();
-                        self.window.push_event(row, committed_at, ack, Some(held));
+                        self.window.push_event(row, (committed_at, xid), ack, Some(held));
                     }
                     Some(Item::Confirm(lsn)) => self.window.push_position(lsn),
                     None => open = false,
@@ -258,6 +258,7 @@ impl Publisher {
         self.metrics.last_publish_timestamp.set(unix_seconds());
         self.started_batch();
         self.batch.ids.push(sent.row.id);
+        self.batch.xids.push(sent.xid);
         if self.batch.ids.len() >= MAX_BATCH {
             self.flush(batches).await?;
         }

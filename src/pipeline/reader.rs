@@ -181,10 +181,11 @@ impl Reader {
 
     /// Hands `row` to the publisher.
     async fn publish(&mut self, row: OutboxRow, held: Held) -> Result<(), Error> {
-        let committed_at = self.open.map_or(0, |tx| tx.committed_at);
+        let (committed_at, xid) = self.open.map_or((0, 0), |tx| (tx.committed_at, tx.xid));
         self.send(Item::Event {
             row,
             committed_at,
+            xid,
             held,
         })
         .await

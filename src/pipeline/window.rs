@@ -19,6 +19,8 @@ pub(super) struct Sent<A> {
     pub(super) row: OutboxRow,
     /// Its transaction's commit time (µs since 2000-01-01), for latency.
     pub(super) committed_at: i64,
+    /// Its transaction, for the marker to tell "not visible yet" from "gone".
+    pub(super) xid: u32,
     /// Failed attempts so far, for its backoff.
     pub(super) attempts: u32,
     /// What answers its publish (the JetStream ack future).
@@ -66,7 +68,7 @@ impl<A> Window<A> {
     pub(super) fn push_event(
         &mut self,
         row: OutboxRow,
-        committed_at: i64,
+        (committed_at, xid): (i64, u32),
         ack: A,
         held: Option<Held>,
     ) {
@@ -74,6 +76,7 @@ impl<A> Window<A> {
         self.slots.push_back(Slot::Event(Sent {
             row,
             committed_at,
+            xid,
             attempts: 0,
             ack,
             _held: held,
@@ -151,10 +154,10 @@ mod tests {
     /// A window of events 1, 2 | position 10 | event 3 | position 20, 30.
     fn window() -> Window<&'static str> {
         let mut w = Window::new();
-        w.push_event(row(1), 0, "ack-1", None);
-        w.push_event(row(2), 0, "ack-2", None);
+        w.push_event(row(1), (0, 0), "ack-1", None);
+        w.push_event(row(2), (0, 0), "ack-2", None);
         w.push_position(Lsn(10));
-        w.push_event(row(3), 0, "ack-3", None);
+        w.push_event(row(3), (0, 0), "ack-3", None);
         w.push_position(Lsn(20));
         w.push_position(Lsn(30));
         w

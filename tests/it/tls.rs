@@ -314,6 +314,11 @@ async fn every_nats_credential_connects_and_wrong_ones_are_refused() {
             ],
             "cannot read --nats-creds",
         ),
+        (
+            &tls_url,
+            vec!["--nats-tls-ca", &ca, "--nats-creds", &creds],
+            "refused the credentials",
+        ),
     ];
     for (url, flags, cause) in &bad {
         for command in ["run", "setup"] {
