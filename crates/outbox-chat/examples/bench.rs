@@ -148,9 +148,14 @@ async fn main() -> Result<()> {
         nats_url: format!("tls://localhost:{}", nats.port()),
         ca: certs.ca().display().to_string(),
     };
+    let servers = [
+        pg.pid().ok_or("postgres is not running")?,
+        nats.pid().ok_or("nats-server is not running")?,
+    ];
     let bench = Bench {
         url,
         nats_url: nats.url(),
+        servers,
         tls,
         db,
         js,
@@ -274,6 +279,9 @@ impl std::fmt::Display for Line {
 struct Bench<'a> {
     url: String,
     nats_url: String,
+    /// The postmaster's and nats-server's pids: their CPU counts toward
+    /// the machine's bound for this work.
+    servers: [u32; 2],
     tls: Tls,
     db: Client,
     js: jetstream::Context,
@@ -361,6 +369,15 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// CPU seconds so far of PostgreSQL (every process of the server) and
+    /// nats-server.
+    fn servers_cpu(&self) -> f64 {
+        self.servers
+            .iter()
+            .map(|&pid| procfs::tree_cpu_seconds(pid))
+            .sum()
+    }
+
     async fn pending(&self) -> Result<i64> {
         Ok(self
             .db
@@ -404,20 +421,31 @@ impl Bench<'_> {
             publisher.name(),
             written
         );
+        let servers_before = self.servers_cpu();
         let started = Instant::now();
         let process = self.start(publisher)?;
         self.wait_drained(Duration::from_secs(600)).await?;
         let elapsed = started.elapsed().as_secs_f64();
         let usage = process.usage();
+        let servers = self.servers_cpu() - servers_before;
         process.stop();
+        // The machine's bound for this work: all cores busy at the CPU cost
+        // of one event (PostgreSQL's backends and walsender, nats-server and
+        // the publisher together), and the drain as a share of it.
+        let rate = written as f64 / elapsed;
+        let cpu_per_event = (servers + usage.cpu_seconds) / written as f64;
+        let bound = num_cores() as f64 / cpu_per_event;
         Ok(Line {
             phase: "drain",
             who: publisher.name(),
             events: written,
-            rate: written as f64 / elapsed,
+            rate,
             latency: None,
             usage,
-            note: format!("{elapsed:.1} s from start until no row is pending"),
+            note: format!(
+                "{elapsed:.1} s; servers {servers:.2} cpu s; bound {bound:.0}/s, drain = {:.2} of it",
+                rate / bound
+            ),
         })
     }
 

@@ -231,6 +231,11 @@ impl PgServer {
         self.child.is_some()
     }
 
+    /// The postmaster's pid, while it runs (its backends are its children).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

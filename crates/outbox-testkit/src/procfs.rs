@@ -23,6 +23,46 @@ pub fn usage(pid: u32) -> Usage {
     }
 }
 
+/// CPU seconds of `pid` and every process below it (a PostgreSQL
+/// postmaster's backends and walsenders), as they stand now; processes that
+/// ended meanwhile are not counted.
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let stats: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| {
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    Some((p, stat_parent(&stat)?, stat_ticks(&stat)))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tree = vec![pid];
+    let mut ticks = 0;
+    while let Some(parent) = tree.pop() {
+        for (p, pp, t) in &stats {
+            if *p == parent {
+                ticks += t;
+            }
+            if *pp == parent {
+                tree.push(*p);
+            }
+        }
+    }
+    ticks as f64 / clock_ticks_per_second()
+}
+
+/// The parent pid (4th field) of a `/proc/<pid>/stat` line.
+fn stat_parent(stat: &str) -> Option<u32> {
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2)
 /// may hold spaces and parentheses, so fields are counted after its last `)`:
 /// utime and stime are the 14th and 15th fields overall.
@@ -77,6 +117,13 @@ mod tests {
         let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0";
         assert_eq!(stat_ticks(line), 300);
         assert_eq!(stat_ticks(""), 0);
+    }
+
+    #[test]
+    fn the_parent_is_read_after_the_command_name() {
+        let line = "42 (a (b) c) S 17 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0";
+        assert_eq!(stat_parent(line), Some(17));
+        assert!(tree_cpu_seconds(std::process::id()) >= 0.0);
     }
 
     #[test]
