@@ -19,6 +19,13 @@ pub enum Error {
     Setup(#[from] SetupError),
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] DecodeError),
+    /// Not one event's problem (no id to fail it by): the stream cannot go
+    /// on past this position until an operator acts.
+    #[error("cannot decode the replication stream at {lsn}: {error}; the slot holds WAL from here: restore event_outbox to the contract's schema (`alembic upgrade head`) and restart")]
+    DecodeAt {
+        lsn: pgwire_replication::Lsn,
+        error: DecodeError,
+    },
     #[error("replication stream: {0}")]
     Replication(#[from] pgwire_replication::PgWireError),
     #[error("PostgreSQL: {0}")]
@@ -58,6 +65,7 @@ impl Error {
             Error::Setup(SetupError::SlotLost(_)) => Action::Retry,
             Error::Setup(_)
             | Error::Decode(_)
+            | Error::DecodeAt { .. }
             | Error::Internal(_)
             | Error::NatsRefused(_)
             | Error::PostgresTls(_) => Action::Stop,

@@ -197,7 +197,14 @@ async fn stream_until_done(
     ));
     let replay = ReplayCheck::prepare(db.clone(), horizon).await?;
     let budget = Budget::new(config.max_in_flight_bytes);
-    let mut reader = Reader::new(items_tx, replay, budget, sweep.clone(), metrics.clone());
+    let mut reader = Reader::new(
+        items_tx,
+        replay,
+        budget,
+        db.clone(),
+        sweep.clone(),
+        metrics.clone(),
+    );
     let mut progress = Progress::new(Lsn::ZERO);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
     let mut lag_watch = LagWatch::default();

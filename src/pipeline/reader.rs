@@ -9,12 +9,15 @@ use crate::event::OutboxRow;
 use crate::metrics::Metrics;
 use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::{parse_utc_micros, Boundary};
+use crate::outbox::{attempts, visibility};
 use crate::pgtime::seconds_since;
-use crate::replication::pgoutput::Decoder;
+use crate::publish::policy::{verdict, Failure};
+use crate::replication::pgoutput::{DecodeError, Decoder};
 use pgwire_replication::{Lsn, ReplicationEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::mpsc::Sender;
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 /// Rows of a replayed transaction checked against the table in one query.
@@ -31,6 +34,8 @@ pub(super) struct Reader {
     replayed: Vec<(OutboxRow, Held)>,
     /// Payload bytes between here and settling are capped.
     budget: Budget,
+    /// For dead-lettering an event that cannot be decoded into a message.
+    db: Arc<Client>,
     /// The highest position sent down the pipeline (confirms are monotonic).
     last_confirm: Lsn,
     /// Ends and commit times of the transactions not yet confirmed, oldest
@@ -46,6 +51,7 @@ impl Reader {
         items: Sender<Item>,
         replay: ReplayCheck,
         budget: Budget,
+        db: Arc<Client>,
         sweep: Arc<Boundary>,
         metrics: Arc<Metrics>,
     ) -> Reader {
@@ -56,6 +62,7 @@ impl Reader {
             open: None,
             replayed: Vec::new(),
             budget,
+            db,
             last_confirm: Lsn::ZERO,
             unconfirmed: VecDeque::new(),
             sweep,
@@ -118,9 +125,19 @@ impl Reader {
                 });
                 Ok(())
             }
-            ReplicationEvent::XLogData { data, .. } => {
-                let Some(row) = self.decoder.decode(&data)? else {
-                    return Ok(());
+            ReplicationEvent::XLogData { data, wal_end, .. } => {
+                let row = match self.decoder.decode(&data) {
+                    Ok(Some(row)) => row,
+                    Ok(None) => return Ok(()),
+                    Err(DecodeError::Event { id, cause }) => {
+                        return self.unpublishable(id, &cause).await;
+                    }
+                    Err(error) => {
+                        return Err(Error::DecodeAt {
+                            lsn: wal_end,
+                            error,
+                        })
+                    }
                 };
                 let held = self.hold(&row).await?;
                 if self.must_check(&row) {
@@ -162,6 +179,34 @@ impl Reader {
             | ReplicationEvent::Message { .. }
             | ReplicationEvent::StoppedAt { .. } => Ok(()),
         }
+    }
+
+    /// An event whose row cannot become a message (a NULL where the contract
+    /// has none, after a schema change): it fails alone, as a dead letter
+    /// with the reason, and the stream goes on. Its row may not be visible
+    /// yet (see `outbox::visibility`): then it is waited for.
+    async fn unpublishable(&mut self, id: Uuid, cause: &DecodeError) -> Result<(), Error> {
+        let reason = format!("cannot publish: {cause}");
+        let dead = verdict(Failure::Permanent, 0, 0);
+        let xid = self.open.map_or(0, |tx| tx.xid);
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            if attempts::record(&*self.db, id, &reason, dead)
+                .await?
+                .is_some()
+            {
+                break;
+            }
+            // Not pending: settled already, gone, or not visible yet.
+            if visibility::visible(&self.db, &[xid]).await?.contains(&xid) {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(200));
+        }
+        self.metrics.events_failed.inc();
+        tracing::warn!(%id, error = %reason, "event failed (dead letter); fix the row and `outbox-tailer requeue` retries it");
+        Ok(())
     }
 
     /// Takes `row`'s share of the byte budget, waiting while the events

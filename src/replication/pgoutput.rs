@@ -37,6 +37,11 @@ pub enum DecodeError {
     BadId(String),
     #[error("insert has {got} columns, its Relation message announced {announced}")]
     ColumnCount { got: usize, announced: usize },
+    /// One event's row cannot become a message (a NULL where the contract
+    /// has none, after a schema change); its id is known, so it can fail
+    /// alone while the stream goes on.
+    #[error("event {id}: {cause}")]
+    Event { id: Uuid, cause: Box<DecodeError> },
 }
 
 /// Where each needed column sits in an `event_outbox` tuple.
@@ -126,18 +131,24 @@ impl Decoder {
         };
         let id_text = text(columns.id, "id")?;
         let id = Uuid::try_parse(&id_text).map_err(|_| DecodeError::BadId(id_text))?;
-        let payload = value(&values, columns.payload, "payload")?
-            .ok_or(DecodeError::NullColumn("payload"))?;
-        Ok(Some(OutboxRow {
+        let row = || -> Result<OutboxRow, DecodeError> {
+            let payload = value(&values, columns.payload, "payload")?
+                .ok_or(DecodeError::NullColumn("payload"))?;
+            Ok(OutboxRow {
+                id,
+                aggregate_type: text(columns.aggregate_type, "aggregate_type")?,
+                aggregate_id: text(columns.aggregate_id, "aggregate_id")?,
+                user_id: optional(columns.user_id, "user_id")?,
+                project_id: optional(columns.project_id, "project_id")?,
+                event_type: text(columns.event_type, "event_type")?,
+                payload,
+                created_at: text(columns.created_at, "created_at")?,
+            })
+        };
+        row().map(Some).map_err(|cause| DecodeError::Event {
             id,
-            aggregate_type: text(columns.aggregate_type, "aggregate_type")?,
-            aggregate_id: text(columns.aggregate_id, "aggregate_id")?,
-            user_id: optional(columns.user_id, "user_id")?,
-            project_id: optional(columns.project_id, "project_id")?,
-            event_type: text(columns.event_type, "event_type")?,
-            payload,
-            created_at: text(columns.created_at, "created_at")?,
-        }))
+            cause: Box::new(cause),
+        })
     }
 }
 
@@ -510,10 +521,11 @@ mod tests {
         }
         let mut null_payload = row_values("{}", None);
         null_payload[6] = None;
-        assert_eq!(
+        // The id is known: the event can fail alone.
+        assert!(matches!(
             decoder.decode(&insert(7, &null_payload)).unwrap_err(),
-            DecodeError::NullColumn("payload")
-        );
+            DecodeError::Event { cause, .. } if *cause == DecodeError::NullColumn("payload")
+        ));
         let mut bad_id = row_values("{}", None);
         bad_id[0] = Some("42");
         assert!(matches!(
