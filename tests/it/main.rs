@@ -10,6 +10,7 @@
 
 mod common;
 
+mod container;
 mod dashboards;
 mod failover;
 mod failures;

@@ -9,6 +9,7 @@
 mod api;
 mod request;
 mod store;
+pub mod subscriber;
 
 pub use api::router;
 pub use request::{MessageRequest, RequestError, ValidMessage, MAX_BODY_BYTES, MAX_CONTENT_BYTES};
