@@ -103,12 +103,7 @@ impl Marker {
         let mut pause = Duration::from_millis(1);
         loop {
             // Rows someone else already settled need nothing more.
-            let settled: HashSet<Uuid> = db
-                .query(&self.settled, &[&missing])
-                .await?
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
+            let settled = self.settled(db, &missing).await?;
             missing.retain(|id| !settled.contains(id));
             if missing.is_empty() {
                 return Ok(outcome);
@@ -134,12 +129,7 @@ impl Marker {
                 });
             if !gone.is_empty() {
                 // Visible transactions whose rows are not there: deleted since.
-                let settled_now: HashSet<Uuid> = db
-                    .query(&self.settled, &[&gone])
-                    .await?
-                    .iter()
-                    .map(|row| row.get(0))
-                    .collect();
+                let settled_now = self.settled(db, &gone).await?;
                 let vanished = gone.iter().filter(|id| !settled_now.contains(id)).count();
                 if vanished > 0 {
                     tracing::warn!(count = vanished, first = %gone[0],
