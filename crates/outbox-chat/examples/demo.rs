@@ -23,24 +23,6 @@ struct Args {
     rate: f64,
 }
 
-const LINES: [(&str, &str); 6] = [
-    ("user", "Hi! Can you summarise yesterday's incident?"),
-    (
-        "assistant",
-        "Sure: the outbox relay fell behind for 12 minutes.",
-    ),
-    ("user", "Why did it fall behind?"),
-    (
-        "assistant",
-        "It polled the table every second and the index bloated.",
-    ),
-    ("user", "And with outbox-tailer?"),
-    (
-        "assistant",
-        "It reads the WAL: no polling, nothing to bloat.",
-    ),
-];
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
@@ -120,7 +102,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!("[{:>4}s] messages={m}  event_outbox: pending={p} published={d}", started.elapsed().as_secs());
             }
             _ = tick.tick() => {
-                let (role, content) = LINES[n % LINES.len()];
+                let (role, content) = outbox_chat::DEMO_LINES[n % outbox_chat::DEMO_LINES.len()];
                 let chat = chats[n % chats.len()];
                 let body = json!({"project_id": project, "user_id": users[n % 2], "role": role, "content": content});
                 let response = http.post(format!("http://{api}/chats/{chat}/messages")).json(&body).send().await?;

@@ -40,3 +40,23 @@ pub async fn spawn(addr: SocketAddr, store: Arc<ChatStore>) -> std::io::Result<S
     });
     Ok(local)
 }
+
+/// A short chat, posted round and round by the demo and by `outbox-chat
+/// --demo-rate`: (role, content).
+pub const DEMO_LINES: [(&str, &str); 6] = [
+    ("user", "Hi! Can you summarise yesterday's incident?"),
+    (
+        "assistant",
+        "Sure: the outbox relay fell behind for 12 minutes.",
+    ),
+    ("user", "Why did it fall behind?"),
+    (
+        "assistant",
+        "It polled the table every second and the index bloated.",
+    ),
+    ("user", "And with outbox-tailer?"),
+    (
+        "assistant",
+        "It reads the WAL: no polling, nothing to bloat.",
+    ),
+];

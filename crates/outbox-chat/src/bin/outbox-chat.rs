@@ -33,16 +33,6 @@ struct Args {
     pool_size: usize,
 }
 
-const LINES: [(&str, &str); 4] = [
-    ("user", "Can you summarise yesterday's incident?"),
-    ("assistant", "The outbox relay fell behind for 12 minutes."),
-    ("user", "And with outbox-tailer?"),
-    (
-        "assistant",
-        "It reads the WAL: no polling, nothing to bloat.",
-    ),
-];
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
@@ -89,7 +79,7 @@ async fn demo_traffic(addr: SocketAddr, rate: f64) {
     tracing::info!(rate, "posting demo messages");
     for n in 0usize.. {
         tick.tick().await;
-        let (role, content) = LINES[n % LINES.len()];
+        let (role, content) = outbox_chat::DEMO_LINES[n % outbox_chat::DEMO_LINES.len()];
         let chat = chats[n % chats.len()];
         let body = json!({"project_id": project, "user_id": users[n % 2], "role": role, "content": content});
         let result = http
