@@ -54,16 +54,24 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             reason: e.to_string(),
         })?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    {
+    // Start-up waits on servers (a slot's creation waits for running
+    // transactions): shutdown is heard meanwhile.
+    let checked = async {
         let db = setup::connect(config).await?;
         match setup::prepare(&db, config).await {
             // Not fatal: reported (log, outbox_slot_lost) until the operator
             // drops the slot, then recreated by the next session.
             Err(SetupError::SlotLost(slot)) => {
                 tracing::error!("{}", SetupError::SlotLost(slot));
+                Ok(())
             }
-            other => other?,
+            other => other,
         }
+    };
+    tokio::select! {
+        biased;
+        _ = shutdown.fired() => return Ok(()),
+        checked = checked => checked?,
     }
     let mut tasks = Supervised::new(shutdown.clone(), metrics.clone());
     tasks.spawn(
@@ -75,7 +83,11 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             shutdown.clone(),
         ),
     );
-    let (client, connects) = jetstream::connect(config, metrics.clone()).await?;
+    let (client, connects) = tokio::select! {
+        biased;
+        _ = shutdown.fired() => return Ok(()),
+        connected = jetstream::connect(config, metrics.clone()) => connected?,
+    };
     let js = jetstream::context(client);
     let sweep = Arc::new(Boundary::default());
     let turn = Arc::new(PublishTurn::default());

@@ -590,33 +590,47 @@ fn valid_nats_url(url: &str) -> bool {
 }
 
 /// `scheme://user:secret@host/...` → `scheme://user:***@host/...`, and
-/// `password=secret` → `password=***`, for anything that gets printed.
+/// `password=secret` → `password=***`, for anything that gets printed. Each
+/// of several comma-separated servers is redacted on its own; credentials run
+/// to the last `@` (a password may hold `/`, `?` or `:`); a quoted
+/// `password='a b'` is redacted whole.
 pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(scheme_end) = out.find("://") {
-        let authority_start = scheme_end + 3;
-        let authority_end = out[authority_start..]
-            .find(['/', '?'])
-            .map_or(out.len(), |i| authority_start + i);
-        if let Some(at) = out[authority_start..authority_end].rfind('@') {
-            let userinfo = &out[authority_start..authority_start + at];
-            let redacted = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                // A lone token (nats://token@host) is a secret too.
-                None if out.starts_with("nats") || out.starts_with("tls") => "***".to_owned(),
-                None => userinfo.to_owned(),
-            };
-            out.replace_range(authority_start..authority_start + at, &redacted);
-        }
-    }
-    if let Some(start) = out.find("password=") {
-        let value_start = start + "password=".len();
-        let value_end = out[value_start..]
-            .find(['&', ' '])
-            .map_or(out.len(), |i| value_start + i);
-        out.replace_range(value_start..value_end, "***");
+    let mut out: String = url
+        .split(',')
+        .map(redact_userinfo)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut from = 0;
+    while let Some(found) = out[from..].find("password=") {
+        let value_start = from + found + "password=".len();
+        let rest = &out[value_start..];
+        let value_len = match rest.strip_prefix('\'') {
+            Some(quoted) => quoted.find('\'').map_or(rest.len(), |end| end + 2),
+            None => rest.find(['&', ' ']).unwrap_or(rest.len()),
+        };
+        out.replace_range(value_start..value_start + value_len, "***");
+        from = value_start + 3;
     }
     out
+}
+
+/// The userinfo of one `scheme://userinfo@host…`, redacted.
+fn redact_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let start = scheme_end + 3;
+    let Some(at) = url[start..].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &url[start..start + at];
+    let redacted = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        // A lone token (nats://token@host) is a secret too.
+        None if url.starts_with("nats") || url.starts_with("tls") => "***".to_owned(),
+        None => userinfo.to_owned(),
+    };
+    format!("{}{redacted}{}", &url[..start], &url[start + at..])
 }
 
 #[cfg(test)]
@@ -819,6 +833,27 @@ mod tests {
             "host=h user=u password=***"
         );
         assert_eq!(redact_url("postgresql://u@h/db"), "postgresql://u@h/db");
+        // Every server of a list, passwords holding / ? : @, quoted values.
+        assert_eq!(
+            redact_url("nats://a:s1@h1:4222,nats://b:s2@h2:4222,tls://t0k@h3"),
+            "nats://a:***@h1:4222,nats://b:***@h2:4222,tls://***@h3"
+        );
+        assert_eq!(
+            redact_url("postgresql://u:pa/s?s@h/db"),
+            "postgresql://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("postgresql://u:p@ss:w@h,h2/db"),
+            "postgresql://u:***@h,h2/db"
+        );
+        assert_eq!(
+            redact_url("host=h password='a b c' user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(
+            redact_url("postgresql://u@h/db?password=x1&sslmode=require&password=x2"),
+            "postgresql://u@h/db?password=***&sslmode=require&password=***"
+        );
     }
 
     #[test]

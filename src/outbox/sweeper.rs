@@ -23,6 +23,7 @@ use crate::pgtime::PG_EPOCH_UNIX_MICROS;
 use crate::publish::message::Message;
 use crate::publish::policy::{classify, refuse, verdict, Failure, Verdict};
 use crate::publish::turn::PublishTurn;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -254,6 +255,11 @@ impl Sweeper {
             let jitter = fastrand::f64();
             for (id, retries, ack) in sent {
                 let error = match ack {
+                    // After an outage the acks still awaited would each time
+                    // out in turn (10 s apiece, while the sweeper holds the
+                    // publish turn): the rest of the batch counts as the same
+                    // outage, unawaited, and waits out its backoff.
+                    Ok(_) if outage => PublishError::new(PublishErrorKind::TimedOut),
                     Ok(ack) => match ack.await {
                         Ok(_) => {
                             ids.push(id);

@@ -26,13 +26,13 @@ use super::{Batch, Item};
 use crate::error::Error;
 use crate::event::OutboxRow;
 use crate::metrics::Metrics;
-use crate::outbox::attempts;
+use crate::outbox::{attempts, visibility};
 use crate::pgtime::{seconds_since, unix_seconds};
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::publish::message::Message;
 use crate::publish::policy::{classify, never_sent, refuse, verdict, Failure};
 use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
-use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
 use std::future::{Future, IntoFuture};
@@ -285,10 +285,28 @@ impl Publisher {
             self.resend(0).await;
             return Ok(());
         }
+        // A missing stream is recreated by a new session (each one ensures
+        // it); this session would only wait for it.
+        if error.kind() == PublishErrorKind::StreamNotFound && head.attempts >= 2 {
+            return Err(Error::Unavailable(format!(
+                "no stream answers for {} (deleted?): starting a new session",
+                head.row.id
+            )));
+        }
         let verdict = verdict(failure, head.attempts, self.max_retries);
         let text = error.to_string();
         let id = head.row.id;
-        let dead = attempts::record(&*self.db, id, &text, verdict).await?;
+        let mut dead = attempts::record(&*self.db, id, &text, verdict).await?;
+        if dead.is_none() && verdict.dead_at.is_some() {
+            // No pending row to fail: settled by someone else, deleted, or
+            // not visible yet. Only the last is worth waiting for; retrying
+            // an event that cannot be sent for a row that is gone would hold
+            // up everything behind it for ever.
+            let xid = head.xid;
+            if visibility::visible(&self.db, &[xid]).await?.contains(&xid) {
+                dead = Some(true);
+            }
+        }
         if dead == Some(true) {
             self.window.settle_front();
             self.metrics.in_flight.dec();

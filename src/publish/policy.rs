@@ -83,8 +83,12 @@ fn classify_kind(kind: PublishErrorKind, server: Option<(usize, ErrorCode)>) -> 
         PublishErrorKind::Other => match server {
             Some((_, code)) if is_capacity(code) => Failure::Capacity,
             Some((_, ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)) => Failure::Permanent,
+            // The cluster, the stream's leader or its storage is briefly
+            // unavailable (leader election, stream offline): the server's
+            // 5xx, never a verdict on the event.
             Some((_, ErrorCode::CLUSTER_NOT_AVAILABLE | ErrorCode::JETSTREAM_NOT_ENABLED))
-            | Some((503, _)) => Failure::Outage,
+            | Some((_, ErrorCode::CLUSTER_NOT_LEADER | ErrorCode::RAFT_GENERAL))
+            | Some((500.., _)) => Failure::Outage,
             Some(_) => Failure::Rejected,
             // Not the server's verdict on this event (a garbled answer).
             None => Failure::Outage,
