@@ -303,7 +303,20 @@ pub(crate) async fn replication_bridge(
     let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        let Ok(Ok((mut inner, _))) = tokio::time::timeout(timeout, listener.accept()).await else {
+        // Only this process's own connection (pgwire-replication's) gets the
+        // session: another local process that races for the port is turned
+        // away, it must not inherit a session authenticated as the tailer.
+        let accepted = tokio::time::timeout(timeout, async {
+            loop {
+                let (inner, peer) = listener.accept().await?;
+                if is_own_socket(peer) {
+                    return Ok::<_, std::io::Error>(inner);
+                }
+                tracing::warn!(%peer, "refused a connection to the replication bridge from another process");
+            }
+        })
+        .await;
+        let Ok(Ok(mut inner)) = accepted else {
             return;
         };
         drop(listener);
@@ -317,6 +330,32 @@ pub(crate) async fn replication_bridge(
         }
     });
     Ok(local)
+}
+
+/// Whether the connection from `peer` (on loopback) is a socket this process
+/// holds: its inode, from `/proc/net/tcp`, among our file descriptors.
+/// Without `/proc` (not Linux) it cannot tell and says yes.
+fn is_own_socket(peer: SocketAddr) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let wanted = format!(":{:04X}", peer.port());
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = fields.get(1)?;
+        local
+            .ends_with(&wanted)
+            .then(|| fields.get(9).map(|i| i.to_string()))?
+    });
+    let Some(inode) = inode else {
+        return false;
+    };
+    let link = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd").is_ok_and(|fds| {
+        fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == link.as_str())
+        })
+    })
 }
 
 enum Upstream {
@@ -395,6 +434,19 @@ mod tests {
             assert_eq!(mode.for_tokio_postgres(), tokio_postgres, "{mode:?}");
             assert_eq!(tls.verify(), verify, "{mode:?}");
         }
+    }
+
+    #[test]
+    fn a_socket_of_this_process_is_its_own_and_another_is_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(is_own_socket(ours.local_addr().unwrap()));
+        // A port no socket of ours uses.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(!is_own_socket(free));
     }
 
     #[test]
