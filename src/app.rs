@@ -68,11 +68,10 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             other => other,
         }
     };
-    tokio::select! {
-        biased;
-        _ = shutdown.fired() => return Ok(()),
-        checked = checked => checked?,
-    }
+    let Some(checked) = shutdown.unless(checked).await else {
+        return Ok(());
+    };
+    checked?;
     let mut tasks = Supervised::new(shutdown.clone(), metrics.clone());
     tasks.spawn(
         "statistics poller",
@@ -83,11 +82,13 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
             shutdown.clone(),
         ),
     );
-    let (client, connects) = tokio::select! {
-        biased;
-        _ = shutdown.fired() => return Ok(()),
-        connected = jetstream::connect(config, metrics.clone()) => connected?,
+    let Some(connected) = shutdown
+        .unless(jetstream::connect(config, metrics.clone()))
+        .await
+    else {
+        return Ok(());
     };
+    let (client, connects) = connected?;
     let js = jetstream::context(client);
     let sweep = Arc::new(Boundary::default());
     let turn = Arc::new(PublishTurn::default());
@@ -302,10 +303,8 @@ async fn ensure_stream(
     loop {
         // A JetStream request waits up to its timeout while NATS is down:
         // shutdown must not wait for it.
-        let ensured = tokio::select! {
-            biased;
-            _ = shutdown.fired() => return false,
-            ensured = jetstream::ensure_stream(js, config) => ensured,
+        let Some(ensured) = shutdown.unless(jetstream::ensure_stream(js, config)).await else {
+            return false;
         };
         match ensured {
             Ok(()) => return true,
@@ -323,8 +322,5 @@ async fn ensure_stream(
 
 /// Sleeps for `delay`; true when shutdown came first.
 async fn sleep_or_shutdown(delay: Duration, shutdown: &mut Shutdown) -> bool {
-    tokio::select! {
-        _ = shutdown.fired() => true,
-        _ = tokio::time::sleep(delay) => false,
-    }
+    shutdown.unless(tokio::time::sleep(delay)).await.is_none()
 }

@@ -34,6 +34,17 @@ impl Shutdown {
     pub async fn fired(&mut self) {
         let _ = self.rx.wait_for(|fired| *fired).await;
     }
+
+    /// Runs `work` unless shutdown comes first: `None` then, and `work` is
+    /// dropped where it stands. For waits on servers (connecting, a JetStream
+    /// request, a full queue) that must not hold up a SIGTERM.
+    pub async fn unless<F: std::future::Future>(&mut self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            _ = self.fired() => None,
+            done = work => Some(done),
+        }
+    }
 }
 
 /// A trigger fired by the first SIGTERM or SIGINT.

@@ -111,10 +111,10 @@ pub(crate) async fn run_session(
     metrics.sessions.inc();
     // Connecting waits up to its timeout on a server that does not answer:
     // shutdown must not wait for it (nothing is in flight yet).
-    let opened = tokio::select! {
-        biased;
-        _ = shutdown.fired() => return Ok(Drained { confirmed: Lsn::ZERO }),
-        opened = Opened::open(config) => opened,
+    let Some(opened) = shutdown.unless(Opened::open(config)).await else {
+        return Ok(Drained {
+            confirmed: Lsn::ZERO,
+        });
     };
     let result = match opened {
         Ok(opened) => {
@@ -232,10 +232,9 @@ async fn stream_until_done(
                     // replay check) while NATS is down: shutdown still wins.
                     // Abandoning the event is safe: nothing past the last
                     // marked position is confirmed, so it is re-delivered.
-                    Ok(Some(event)) => tokio::select! {
-                        biased;
-                        _ = shutdown.fired() => break None,
-                        handled = reader.on_event(event) => handled,
+                    Ok(Some(event)) => match shutdown.unless(reader.on_event(event)).await {
+                        Some(handled) => handled,
+                        None => break None,
                     },
                     Ok(None) => Err(Error::Unavailable("the server ended the replication stream".into())),
                     Err(error) => Err(error.into()),

@@ -7,13 +7,6 @@ use async_nats::jetstream::stream;
 use outbox_testkit::free_port;
 use std::time::Duration;
 
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_stalls_publishing_fails_nothing_and_resumes_when_lifted() {
     let env = Env::start().await;
@@ -51,26 +44,21 @@ async fn a_full_stream_stalls_publishing_fails_nothing_and_resumes_when_lifted()
         "/readyz to report the limit",
         Duration::from_secs(60),
         || async {
-            let (status, body) = get(&format!("{base}/readyz")).await;
+            let (status, body) = http_get(&format!("{base}/readyz")).await;
             body.contains("stream at a limit").then_some((status, body))
         },
     )
     .await;
     assert_eq!(status, 503, "{body}");
-    let scrape = get(&format!("{base}/metrics")).await.1;
+    let scrape = http_get(&format!("{base}/metrics")).await.1;
     assert!(scrape.contains("outbox_stream_limit_reached 1"), "{scrape}");
     // Several retries later (more than --max-retries), nothing has failed.
     wait_for(
         "retries past --max-retries",
         Duration::from_secs(60),
         || async {
-            let scrape = get(&format!("{base}/metrics")).await.1;
-            let retries = scrape
-                .lines()
-                .find(|l| l.starts_with("outbox_publish_retries_total "))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0);
-            (retries >= 4.0).then_some(())
+            let scrape = http_get(&format!("{base}/metrics")).await.1;
+            (metric_sum(&scrape, "outbox_publish_retries_total") >= 4.0).then_some(())
         },
     )
     .await;
@@ -94,7 +82,7 @@ async fn a_full_stream_stalls_publishing_fails_nothing_and_resumes_when_lifted()
     let breaks = order_breaks(&read_stream(&js, STREAM).await);
     assert!(breaks.is_empty(), "{breaks:?}");
     wait_for("/readyz to recover", Duration::from_secs(30), || async {
-        (get(&format!("{base}/readyz")).await.0 == 200).then_some(())
+        (http_get(&format!("{base}/readyz")).await.0 == 200).then_some(())
     })
     .await;
     let failed: i64 = db

@@ -10,21 +10,6 @@ use crate::common::*;
 use outbox_testkit::{free_port, NatsServer};
 use std::time::{Duration, Instant};
 
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-fn metric(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_outage_under_load_is_retried_and_loses_nothing() {
     let mut env = Env::start().await;
@@ -51,7 +36,7 @@ async fn a_nats_outage_under_load_is_retried_and_loses_nothing() {
     let stopped = Instant::now();
     let mut saw_not_ready = false;
     while stopped.elapsed() < Duration::from_secs(10) {
-        saw_not_ready |= get(&format!("{base}/readyz")).await.0 == 503;
+        saw_not_ready |= http_get(&format!("{base}/readyz")).await.0 == 503;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(saw_not_ready, "/readyz must answer 503 while NATS is down");
@@ -79,12 +64,12 @@ async fn a_nats_outage_under_load_is_retried_and_loses_nothing() {
         0,
         "an outage never makes a dead letter"
     );
-    let (_, scrape) = get(&format!("{base}/metrics")).await;
+    let (_, scrape) = http_get(&format!("{base}/metrics")).await;
     assert!(
-        metric(&scrape, "outbox_publish_retries_total") > 0.0,
+        metric_sum(&scrape, "outbox_publish_retries_total") > 0.0,
         "retries are counted"
     );
-    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+    assert_eq!(http_get(&format!("{base}/readyz")).await.0, 200);
 }
 
 /// The overtaking a broken connection invites: publishes written just before

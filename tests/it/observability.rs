@@ -5,15 +5,6 @@ use outbox_testkit::free_port;
 use std::time::Duration;
 
 /// The value of every series of `name` in a scrape, summed.
-fn sum(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// `promtool check metrics` (Debian's prometheus package) must accept the scrape.
 fn promtool_check_metrics(scrape: &str) {
     use std::io::Write;
@@ -42,16 +33,6 @@ fn promtool_check_metrics(scrape: &str) {
     );
 }
 
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(response) => (
-            response.status().as_u16(),
-            response.text().await.unwrap_or_default(),
-        ),
-        Err(_) => (0, String::new()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_readiness_and_status_follow_the_tailer() {
     let mut env = Env::start().await;
@@ -62,10 +43,10 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     let tailer = env.tailer(&["run", "--metrics-addr", &addr, "--stats-interval", "0.2"]);
     wait_streaming(&db, "event_outbox_tailer", &tailer).await;
     wait_for("ready", Duration::from_secs(20), || async {
-        (get(&format!("{base}/readyz")).await.0 == 200).then_some(())
+        (http_get(&format!("{base}/readyz")).await.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200);
     // The container health check: the same answer from the binary, with no
     // database settings at all, and the wildcard address asked on loopback.
     let healthcheck = |addr: String| {
@@ -102,8 +83,8 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
         "the counters to reach 500",
         Duration::from_secs(20),
         || async {
-            let (_, scrape) = get(&format!("{base}/metrics")).await;
-            (sum(&scrape, "outbox_events_published_total") == 500.0).then_some(scrape)
+            let (_, scrape) = http_get(&format!("{base}/metrics")).await;
+            (metric_sum(&scrape, "outbox_events_published_total") == 500.0).then_some(scrape)
         },
     )
     .await;
@@ -115,18 +96,21 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
         scrape.contains("outbox_events_published_total{aggregate_type=\"billing\"} 200"),
         "{scrape}"
     );
-    assert_eq!(sum(&scrape, "outbox_publish_latency_seconds_count"), 500.0);
-    assert_eq!(sum(&scrape, "outbox_replication_connected"), 1.0);
+    assert_eq!(
+        metric_sum(&scrape, "outbox_publish_latency_seconds_count"),
+        500.0
+    );
+    assert_eq!(metric_sum(&scrape, "outbox_replication_connected"), 1.0);
     promtool_check_metrics(&scrape);
-    assert_eq!(sum(&scrape, "outbox_nats_connected"), 1.0);
+    assert_eq!(metric_sum(&scrape, "outbox_nats_connected"), 1.0);
 
     // Caught up: lag gauges return to ~0, nothing pending.
     wait_for("lag to return to ~0", Duration::from_secs(30), || async {
-        let (_, scrape) = get(&format!("{base}/metrics")).await;
-        let caught_up = sum(&scrape, "outbox_replication_lag_seconds") == 0.0
-            && sum(&scrape, "outbox_replication_lag_bytes") < 1_048_576.0
-            && sum(&scrape, "outbox_pending_events") == 0.0
-            && sum(&scrape, "outbox_slot_active") == 1.0;
+        let (_, scrape) = http_get(&format!("{base}/metrics")).await;
+        let caught_up = metric_sum(&scrape, "outbox_replication_lag_seconds") == 0.0
+            && metric_sum(&scrape, "outbox_replication_lag_bytes") < 1_048_576.0
+            && metric_sum(&scrape, "outbox_pending_events") == 0.0
+            && metric_sum(&scrape, "outbox_slot_active") == 1.0;
         caught_up.then_some(())
     })
     .await;
@@ -137,13 +121,13 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
         "/readyz 503 while NATS is down",
         Duration::from_secs(30),
         || async {
-            let (status, body) = get(&format!("{base}/readyz")).await;
+            let (status, body) = http_get(&format!("{base}/readyz")).await;
             (status == 503 && body.contains("nats disconnected")).then_some(())
         },
     )
     .await;
     assert_eq!(
-        get(&format!("{base}/healthz")).await.0,
+        http_get(&format!("{base}/healthz")).await.0,
         200,
         "alive while not ready"
     );
@@ -151,7 +135,7 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     wait_for(
         "/readyz 200 after NATS returns",
         Duration::from_secs(60),
-        || async { (get(&format!("{base}/readyz")).await.0 == 200).then_some(()) },
+        || async { (http_get(&format!("{base}/readyz")).await.0 == 200).then_some(()) },
     )
     .await;
 

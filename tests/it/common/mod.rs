@@ -167,6 +167,24 @@ impl Drop for Tailer {
     }
 }
 
+/// GET `url`: (status, body); (0, "") when nothing answers.
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The sum of every sample of metric `name` in a Prometheus text scrape.
+pub fn metric_sum(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Runs the tailer to its exit (bounded) and returns (exit code, output).
 pub fn run_to_exit(database_url: &str, nats_url: &str, args: &[&str]) -> (i32, String) {
     run_to_exit_env(database_url, nats_url, args, &[])
