@@ -104,6 +104,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         config.subject_prefix.clone(),
         config.sweep_min_age,
         config.max_retries,
+        config.event_logs,
         config.max_in_flight_bytes,
     );
     tasks.spawn(

@@ -42,3 +42,23 @@ pub(crate) async fn record(
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
+
+/// Rows that waited behind a failed one: they are tried again with it, at
+/// the same time (`$2` seconds from now, the same `now()` as its record in
+/// the same transaction), neither counted nor given its error.
+const POSTPONE_SQL: &str =
+    "UPDATE event_outbox SET next_retry_at = now() + make_interval(secs => $2) \
+     WHERE id = ANY($1) AND status = 'pending'";
+
+/// Postpones `ids` by `delay` (see [`POSTPONE_SQL`]).
+pub(crate) async fn postpone(
+    db: &impl GenericClient,
+    ids: &[Uuid],
+    delay: std::time::Duration,
+) -> Result<(), tokio_postgres::Error> {
+    if !ids.is_empty() {
+        db.execute(POSTPONE_SQL, &[&ids, &delay.as_secs_f64()])
+            .await?;
+    }
+    Ok(())
+}

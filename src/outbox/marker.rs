@@ -14,7 +14,7 @@
 use super::visibility;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{GenericClient, Statement};
 use uuid::Uuid;
 
 const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
@@ -58,7 +58,10 @@ pub struct Marker {
 }
 
 impl Marker {
-    pub async fn prepare(db: &Client, event_logs: bool) -> Result<Marker, tokio_postgres::Error> {
+    pub async fn prepare(
+        db: &impl GenericClient,
+        event_logs: bool,
+    ) -> Result<Marker, tokio_postgres::Error> {
         let mark = db
             .prepare(if event_logs {
                 MARK_AND_LOG_SQL
@@ -75,7 +78,7 @@ impl Marker {
     /// unknown), to tell a row not visible yet from one that is gone.
     pub async fn mark(
         &self,
-        db: &Client,
+        db: &impl GenericClient,
         ids: &[Uuid],
         xids: &[u32],
     ) -> Result<Marked, tokio_postgres::Error> {
@@ -156,7 +159,7 @@ impl Marker {
     /// not publish them again.
     pub async fn settled(
         &self,
-        db: &Client,
+        db: &impl GenericClient,
         ids: &[Uuid],
     ) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
         Ok(db

@@ -88,7 +88,7 @@ impl ReplayCheck {
             if missing.is_empty() {
                 return Ok(outcome);
             }
-            if visibility::visible(&self.db, &[xid]).await?.contains(&xid) {
+            if visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
                 outcome.deleted += missing.len();
                 return Ok(outcome);
             }

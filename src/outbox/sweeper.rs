@@ -19,18 +19,20 @@
 use crate::backoff::Backoff;
 use crate::event::OutboxRow;
 use crate::outbox::attempts;
+use crate::outbox::marker::Marker;
 use crate::pgtime::PG_EPOCH_UNIX_MICROS;
-use crate::publish::message::Message;
-use crate::publish::policy::{classify, refuse, verdict, Failure, Verdict};
+use crate::pipeline::window::Window;
+use crate::publish::chain::Chain;
+use crate::publish::policy::{classify, never_sent, verdict, Failure, Verdict};
 use crate::publish::turn::PublishTurn;
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::{self, message::PublishMessage};
-use std::collections::VecDeque;
+use async_nats::jetstream;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
+use uuid::Uuid;
 
 /// How many columns [`ROW_COLUMNS`] names.
 const ROW_COLUMN_COUNT: usize = 8;
@@ -50,23 +52,24 @@ macro_rules! due_rows {
 pub const PROBE_SQL: &str = concat!("SELECT EXISTS (SELECT 1 ", due_rows!(), ")");
 /// The batch: the first 500 due rows, cut where their payloads pass `$2`
 /// bytes (the first row always goes), locked. The sizes are measured on at
-/// most 500 rows, not on the whole backlog.
+/// most 500 rows, not on the whole backlog. The order is total: rows of one
+/// transaction share their times, and then go in their physical order
+/// (`ctid`), which is the order they were inserted in unless the table
+/// reused space freed by a VACUUM.
 const SWEEP_WHERE: &str = concat!(
     "FROM event_outbox WHERE id IN (SELECT id FROM (",
     "SELECT id, row_number() OVER w AS n, sum(size) OVER w AS upto FROM (",
-    "SELECT id, next_retry_at, created_at, octet_length(payload::text) AS size ",
+    "SELECT id, ctid AS tid, next_retry_at, created_at, octet_length(payload::text) AS size ",
     due_rows!(),
-    " ORDER BY next_retry_at, created_at LIMIT 500) first ",
-    "WINDOW w AS (ORDER BY next_retry_at, created_at, id)) sized WHERE n = 1 OR upto <= $2) ",
+    " ORDER BY next_retry_at, created_at, ctid LIMIT 500) first ",
+    "WINDOW w AS (ORDER BY next_retry_at, created_at, tid)) sized WHERE n = 1 OR upto <= $2) ",
     "AND status = 'pending' AND next_retry_at <= now() ",
-    "ORDER BY next_retry_at, created_at FOR UPDATE SKIP LOCKED"
+    "ORDER BY next_retry_at, created_at, ctid FOR UPDATE SKIP LOCKED"
 );
 /// The server's time, then its WAL insert position (read in that order:
 /// every commit before the time was inserted before the position).
 const SAMPLE_SQL: &str =
     "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_current_wal_insert_lsn()";
-const MARK_SQL: &str = "UPDATE event_outbox SET status = 'published', published_at = now() \
-     WHERE id = ANY($1) AND status = 'pending'";
 
 /// What the stream and the sweeper tell each other so that they do not both
 /// publish a row.
@@ -147,6 +150,8 @@ pub(crate) struct Sweeper {
     /// Rows younger than this (before the stream's boundary) are left alone.
     min_age: Duration,
     max_retries: u32,
+    /// Whether marks also project into `event_logs` (`--event-logs`).
+    event_logs: bool,
     /// A batch's payload bytes, at most (the byte budget; one larger row
     /// still goes alone).
     max_batch_bytes: i64,
@@ -171,6 +176,7 @@ impl Sweeper {
         subject_prefix: String,
         min_age: Duration,
         max_retries: u32,
+        event_logs: bool,
         max_batch_bytes: usize,
     ) -> Sweeper {
         Sweeper {
@@ -180,6 +186,7 @@ impl Sweeper {
             subject_prefix,
             min_age,
             max_retries,
+            event_logs,
             max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
             samples: Samples::default(),
         }
@@ -232,67 +239,103 @@ impl Sweeper {
             self.boundary
                 .swept_before
                 .fetch_max(cutoff, Ordering::Relaxed);
-            let mut sent = Vec::with_capacity(rows.len());
+            let mut batch = Vec::with_capacity(rows.len());
             for r in &rows {
-                let row = row_from(r)?;
                 let retries = u32::try_from(r.try_get::<_, i32>(ROW_COLUMN_COUNT)?).unwrap_or(0);
-                let message = Message::from_row(&self.subject_prefix, &row);
-                let ack = match refuse(&message.subject) {
-                    Some(error) => Err(error),
-                    None => {
-                        let publish = PublishMessage::build()
-                            .payload(message.body)
-                            .headers(message.headers);
-                        self.js.send_publish(message.subject, publish).await
-                    }
-                };
-                sent.push((row.id, retries, ack));
+                batch.push((row_from(r)?, retries));
             }
-            let mut ids = Vec::with_capacity(sent.len());
-            let mut outage = false;
-            // One jitter for the batch: rows that fail together are retried
-            // in the order they were taken.
-            let jitter = fastrand::f64();
-            for (id, retries, ack) in sent {
-                let error = match ack {
-                    // After an outage the acks still awaited would each time
-                    // out in turn (10 s apiece, while the sweeper holds the
-                    // publish turn): the rest of the batch counts as the same
-                    // outage, unawaited, and waits out its backoff.
-                    Ok(_) if outage => PublishError::new(PublishErrorKind::TimedOut),
-                    Ok(ack) => match ack.await {
-                        Ok(_) => {
-                            ids.push(id);
-                            continue;
-                        }
-                        Err(error) => error,
-                    },
-                    Err(error) => error,
-                };
-                let failure = classify(&error);
-                outage |= matches!(failure, Failure::Outage | Failure::Capacity);
-                // Rows that fail together wait alike (one jitter), so they
-                // are retried in the order they were taken.
-                let verdict = Verdict {
-                    retry_in: Backoff::PUBLISH.delay_with(retries, jitter),
-                    ..verdict(failure, retries, self.max_retries)
-                };
-                let text = error.to_string();
-                match attempts::record(&tx, id, &text, verdict).await? {
-                    Some(true) => swept.dead += 1,
-                    _ => swept.retried += 1,
-                }
-            }
-            tx.execute(MARK_SQL, &[&ids]).await?;
+            let settled = self.publish(&tx, batch, &mut swept).await?;
+            // The stream's mark path: the same statement, `event_logs` too.
+            let marker = Marker::prepare(&tx, self.event_logs).await?;
+            marker.mark(&tx, &settled.acked, &[]).await?;
             tx.commit().await?;
-            swept.published += ids.len() as u64;
-            if outage {
-                // NATS is down: its rows wait out their backoff; the next
-                // sweep tries again rather than timing out batch after batch.
+            swept.published += settled.acked.len() as u64;
+            if settled.stalled {
+                // NATS is down or the stream full: the rest waits out its
+                // backoff; the next sweep tries again rather than timing out
+                // batch after batch.
                 return Ok(swept);
             }
         }
     }
+
+    /// Publishes one batch in order, chained, with the stream's go-back-N
+    /// and retry policy (`publish::policy`), recording failures in `tx`.
+    /// At the first failure that leaves its event pending, the events behind
+    /// it wait with it: they are postponed to the same time, so the next
+    /// sweep takes them again in the same order.
+    async fn publish(
+        &self,
+        tx: &Transaction<'_>,
+        batch: Vec<(OutboxRow, u32)>,
+        swept: &mut Swept,
+    ) -> Result<Settled, SweepError> {
+        let mut chain = Chain::new(self.js.clone(), self.subject_prefix.clone());
+        let mut window = Window::new();
+        let mut retries = HashMap::with_capacity(batch.len());
+        for (row, count) in batch {
+            let ack = chain.send(&row).await;
+            retries.insert(row.id, count);
+            window.push_event(row, (0, 0), ack, None);
+        }
+        let mut settled = Settled::default();
+        // The chain broke under us (another publisher wrote meanwhile):
+        // the window goes again, a few times at most.
+        let mut chain_breaks = 0;
+        while let Some(front) = window.front_mut() {
+            let error = match (&mut front.ack).await {
+                Ok(_) => {
+                    if let Some(sent) = window.settle_front() {
+                        settled.acked.push(sent.row.id);
+                    }
+                    continue;
+                }
+                Err(error) => error,
+            };
+            let id = front.row.id;
+            let failure = classify(&error);
+            if failure == Failure::Chain && chain_breaks < 3 {
+                chain_breaks += 1;
+                chain.resend(&mut window).await;
+                continue;
+            }
+            let count = retries.get(&id).copied().unwrap_or(0);
+            // One jitter for the batch: rows that wait together are taken
+            // again in the order they were taken.
+            let verdict = Verdict {
+                retry_in: Backoff::PUBLISH.delay_with(count, fastrand::f64()),
+                ..verdict(failure, count, self.max_retries)
+            };
+            let dead = attempts::record(tx, id, &error.to_string(), verdict).await?;
+            window.settle_front();
+            if dead == Some(true) {
+                swept.dead += 1;
+                // The rest were chained to it, unless it was never sent.
+                if !never_sent(&error) {
+                    chain.resend(&mut window).await;
+                }
+                continue;
+            }
+            swept.retried += 1;
+            let behind: Vec<Uuid> = window.events_mut().map(|sent| sent.row.id).collect();
+            attempts::postpone(tx, &behind, verdict.retry_in).await?;
+            settled.stalled = matches!(
+                failure,
+                Failure::Outage | Failure::Capacity | Failure::Chain
+            );
+            break;
+        }
+        Ok(settled)
+    }
+}
+
+/// What became of one batch.
+#[derive(Debug, Default)]
+struct Settled {
+    /// Acked, in order: to be marked.
+    acked: Vec<Uuid>,
+    /// NATS or the stream cannot take events now: sweep again later.
+    stalled: bool,
 }
 
 /// An outbox row read with [`ROW_COLUMNS`], as the stream would deliver it

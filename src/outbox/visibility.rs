@@ -10,7 +10,7 @@
 //! counter read at that moment ([`widen`]), never a stale one.
 
 use std::collections::HashSet;
-use tokio_postgres::Client;
+use tokio_postgres::GenericClient;
 
 const CURRENT_XID_SQL: &str = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text";
 const VISIBLE_SQL: &str = "SELECT x FROM unnest($1::text[]) AS x \
@@ -18,7 +18,7 @@ const VISIBLE_SQL: &str = "SELECT x FROM unnest($1::text[]) AS x \
 
 /// Of the transactions `xids`, those whose effects every new snapshot sees.
 pub(crate) async fn visible(
-    db: &Client,
+    db: &impl GenericClient,
     xids: &[u32],
 ) -> Result<HashSet<u32>, tokio_postgres::Error> {
     let current: String = db.query_one(CURRENT_XID_SQL, &[]).await?.get(0);

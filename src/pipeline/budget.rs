@@ -20,7 +20,7 @@ pub(super) struct Budget {
 
 /// A share of the budget, returned on drop.
 #[derive(Debug)]
-pub(super) struct Held {
+pub(crate) struct Held {
     _permit: OwnedSemaphorePermit,
 }
 

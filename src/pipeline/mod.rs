@@ -15,10 +15,10 @@
 //! transaction is. Any failure ends the session; the next one resumes from
 //! the slot's confirmed position and re-delivers the rest.
 
-mod budget;
+pub(crate) mod budget;
 mod publisher;
 mod reader;
-mod window;
+pub(crate) mod window;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -27,13 +27,14 @@ use crate::metrics::Metrics;
 use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::Boundary;
+use crate::publish::chain::Chain;
 use crate::publish::turn::PublishTurn;
 use crate::replication::progress::Progress;
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
 use budget::{Budget, Held};
 use pgwire_replication::{Lsn, ReplicationClient};
-use publisher::{Chain, Publisher};
+use publisher::Publisher;
 use reader::Reader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,7 +148,7 @@ impl Opened {
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         let db = Arc::new(db);
-        let marker = Arc::new(Marker::prepare(&db, config.event_logs).await?);
+        let marker = Arc::new(Marker::prepare(&*db, config.event_logs).await?);
         setup::ensure_slot(&db, &config.slot).await?;
         let stream = source::open(config).await?;
         let horizon = current_wal_lsn(&db).await?;
@@ -288,7 +289,7 @@ async fn mark_batches(
     while let Some(batch) = batches.recv().await {
         if !batch.ids.is_empty() {
             metrics.mark_batch_size.observe(batch.ids.len() as f64);
-            let outcome = marker.mark(&db, &batch.ids, &batch.xids).await?;
+            let outcome = marker.mark(&*db, &batch.ids, &batch.xids).await?;
             if outcome.waited_invisible {
                 metrics.mark_invisible_waits.inc();
             }

@@ -2,18 +2,13 @@
 //! awaits their acks in the same order, retries what fails, and hands the
 //! acked ids to the marker in batches.
 //!
-//! Order across a broken connection. A publish lost with a connection must
-//! not be overtaken by those the client sends after reconnecting, so every
-//! publish is chained to the one sent before it (`Nats-Expected-Last-Msg-Id`):
-//! the server stores it only right after that one and refuses it otherwise.
-//! When the oldest publish in flight fails, it and everything sent after it
-//! are sent again (go-back-N): the first unchained, since everything before
-//! it is acked, the rest chained anew. JetStream checks duplicates before the
-//! chain, so a re-sent event that was stored after all is acked as a
-//! duplicate. The failure is recorded on the first event's row and retried
-//! with backoff; a dead letter leaves the window and the rest go on without
-//! it. After NATS reconnects, everything in flight is sent again at once
-//! rather than after its ack times out. Memory stays bounded: the window
+//! Order across a broken connection: every publish is chained to the one
+//! sent before it, and when the oldest publish in flight fails, it and
+//! everything behind it are sent again ([`Chain`], go-back-N). The failure's
+//! verdict (`publish::policy`) is recorded on the first event's row and it is
+//! retried with backoff; a dead letter leaves the window and the rest go on
+//! without it. After NATS reconnects, everything in flight is sent again at
+//! once rather than after its ack times out. Memory stays bounded: the window
 //! holds at most [`PUBLISH_WINDOW`] events.
 //!
 //! Marking: a batch goes to the marker when it is full, or when its oldest
@@ -24,89 +19,27 @@
 use super::window::Window;
 use super::{Batch, Item};
 use crate::error::Error;
-use crate::event::OutboxRow;
 use crate::metrics::Metrics;
 use crate::outbox::{attempts, visibility};
 use crate::pgtime::{seconds_since, unix_seconds};
+use crate::publish::chain::{AckFuture, Chain};
 use crate::publish::jetstream::PUBLISH_WINDOW;
-use crate::publish::message::Message;
-use crate::publish::policy::{classify, never_sent, refuse, verdict, Failure};
+use crate::publish::policy::{classify, never_sent, verdict, Failure};
 use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::jetstream::{self, message::PublishMessage};
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{Receiver, Sender};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::Client;
-use uuid::Uuid;
 
 /// Most ids in one UPDATE: large enough to amortise the round trip and the
 /// statement, small enough to keep each transaction short.
 const MAX_BATCH: usize = 2000;
 /// How long an acked id may wait for others to share its UPDATE.
 const LINGER: Duration = Duration::from_millis(20);
-
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
-
-/// Sends events, each chained to the one sent before it.
-pub(super) struct Chain {
-    js: jetstream::Context,
-    subject_prefix: String,
-    /// The last event sent: the next is stored only right after it.
-    last: Option<Uuid>,
-}
-
-impl Chain {
-    pub(super) fn new(js: jetstream::Context, subject_prefix: String) -> Chain {
-        Chain {
-            js,
-            subject_prefix,
-            last: None,
-        }
-    }
-
-    /// Sends `row`; a send that fails yields its error as the ack.
-    async fn send(&mut self, row: &OutboxRow) -> AckFuture {
-        let message = Message::from_row(&self.subject_prefix, row);
-        if let Some(error) = refuse(&message.subject) {
-            // The server would drop the connection on it, for ever: refused
-            // here, unsent, it fails alone.
-            return Box::pin(std::future::ready(Err(error)));
-        }
-        let mut publish = PublishMessage::build()
-            .payload(message.body)
-            .headers(message.headers);
-        if let Some(last) = self.last {
-            let mut text = Uuid::encode_buffer();
-            publish = publish.expected_last_message_id(last.hyphenated().encode_lower(&mut text));
-        }
-        match self.js.send_publish(message.subject, publish).await {
-            Ok(ack) => {
-                self.last = Some(row.id);
-                ack.into_future()
-            }
-            Err(error) => {
-                // Perhaps not sent. Unless the client refused it outright,
-                // the next event waits for it: chained to it, the server
-                // refuses the next until this one is stored.
-                if !never_sent(&error) {
-                    self.last = Some(row.id);
-                }
-                Box::pin(std::future::ready(Err(error)))
-            }
-        }
-    }
-
-    /// Nothing is in flight: the next event sent starts a new chain.
-    fn restart(&mut self) {
-        self.last = None;
-    }
-}
 
 pub(super) struct Publisher {
     chain: Chain,
@@ -303,7 +236,7 @@ impl Publisher {
             // an event that cannot be sent for a row that is gone would hold
             // up everything behind it for ever.
             let xid = head.xid;
-            if visibility::visible(&self.db, &[xid]).await?.contains(&xid) {
+            if visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
                 dead = Some(true);
             }
         }
@@ -348,13 +281,8 @@ impl Publisher {
     /// (everything before it is acked). `retried` of them (at the front)
     /// failed themselves; the others are counted as re-sent.
     async fn resend(&mut self, retried: u64) {
-        self.chain.restart();
-        for sent in self.window.events_mut() {
-            sent.ack = self.chain.send(&sent.row).await;
-        }
-        self.metrics
-            .resent
-            .inc_by((self.window.in_flight() as u64).saturating_sub(retried));
+        let sent = self.chain.resend(&mut self.window).await as u64;
+        self.metrics.resent.inc_by(sent.saturating_sub(retried));
     }
 
     async fn flush(&mut self, batches: &Sender<Batch>) -> Result<(), Error> {

@@ -198,7 +198,7 @@ impl Reader {
                 break;
             }
             // Not pending: settled already, gone, or not visible yet.
-            if visibility::visible(&self.db, &[xid]).await?.contains(&xid) {
+            if visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
                 break;
             }
             tokio::time::sleep(pause).await;

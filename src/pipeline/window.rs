@@ -15,16 +15,16 @@ use pgwire_replication::Lsn;
 use std::collections::VecDeque;
 
 /// An event sent and not yet settled.
-pub(super) struct Sent<A> {
-    pub(super) row: OutboxRow,
+pub(crate) struct Sent<A> {
+    pub(crate) row: OutboxRow,
     /// Its transaction's commit time (µs since 2000-01-01), for latency.
-    pub(super) committed_at: i64,
+    pub(crate) committed_at: i64,
     /// Its transaction, for the marker to tell "not visible yet" from "gone".
-    pub(super) xid: u32,
+    pub(crate) xid: u32,
     /// Failed attempts so far, for its backoff.
-    pub(super) attempts: u32,
+    pub(crate) attempts: u32,
     /// What answers its publish (the JetStream ack future).
-    pub(super) ack: A,
+    pub(crate) ack: A,
     /// Its share of the byte budget, returned when it settles.
     _held: Option<Held>,
 }
@@ -37,14 +37,14 @@ enum Slot<A> {
     Confirm(Lsn),
 }
 
-pub(super) struct Window<A> {
+pub(crate) struct Window<A> {
     slots: VecDeque<Slot<A>>,
     /// Events among `slots`, kept so the count costs nothing per loop.
     events: usize,
 }
 
 impl<A> Window<A> {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Window {
             slots: VecDeque::new(),
             events: 0,
@@ -52,20 +52,20 @@ impl<A> Window<A> {
     }
 
     /// Slots held, events and positions alike (the window's size).
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
 
     /// Events sent and not yet settled.
-    pub(super) fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.events
     }
 
-    pub(super) fn push_event(
+    pub(crate) fn push_event(
         &mut self,
         row: OutboxRow,
         (committed_at, xid): (i64, u32),
@@ -84,13 +84,13 @@ impl<A> Window<A> {
     }
 
     /// Everything before `lsn` has been pushed.
-    pub(super) fn push_position(&mut self, lsn: Lsn) {
+    pub(crate) fn push_position(&mut self, lsn: Lsn) {
         self.slots.push_back(Slot::Confirm(lsn));
     }
 
     /// Removes the positions at the front (every event before them has
     /// settled) and returns the newest of them.
-    pub(super) fn take_settled_position(&mut self) -> Option<Lsn> {
+    pub(crate) fn take_settled_position(&mut self) -> Option<Lsn> {
         let mut newest = None;
         while let Some(Slot::Confirm(lsn)) = self.slots.front() {
             newest = Some(*lsn);
@@ -100,7 +100,7 @@ impl<A> Window<A> {
     }
 
     /// The oldest event, if nothing but events stands before it.
-    pub(super) fn front_mut(&mut self) -> Option<&mut Sent<A>> {
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Sent<A>> {
         match self.slots.front_mut() {
             Some(Slot::Event(sent)) => Some(sent),
             _ => None,
@@ -109,7 +109,7 @@ impl<A> Window<A> {
 
     /// Removes the oldest event (acked, or a dead letter). `None` when the
     /// front is a position: take it first.
-    pub(super) fn settle_front(&mut self) -> Option<Sent<A>> {
+    pub(crate) fn settle_front(&mut self) -> Option<Sent<A>> {
         match self.slots.front() {
             Some(Slot::Event(_)) => {}
             _ => return None,
@@ -124,7 +124,7 @@ impl<A> Window<A> {
     }
 
     /// Every event in the window, oldest first (go-back-N sends them again).
-    pub(super) fn events_mut(&mut self) -> impl Iterator<Item = &mut Sent<A>> {
+    pub(crate) fn events_mut(&mut self) -> impl Iterator<Item = &mut Sent<A>> {
         self.slots.iter_mut().filter_map(|slot| match slot {
             Slot::Event(sent) => Some(sent),
             Slot::Confirm(_) => None,
