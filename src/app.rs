@@ -97,16 +97,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
         turn: turn.clone(),
         connects,
     };
-    let sweeper = Sweeper::new(
-        js.clone(),
-        turn.clone(),
-        sweep.clone(),
-        config.subject_prefix.clone(),
-        config.sweep_min_age,
-        config.max_retries,
-        config.event_logs,
-        config.max_in_flight_bytes,
-    );
+    let sweeper = Sweeper::new(js.clone(), turn.clone(), sweep.clone(), config);
     tasks.spawn(
         "sweeper",
         run_sweeper(config.clone(), sweeper, metrics.clone(), shutdown.clone()),

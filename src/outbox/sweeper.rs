@@ -17,6 +17,7 @@
 //! index probe that finds nothing (and the stream is not interrupted).
 
 use crate::backoff::Backoff;
+use crate::config::Config;
 use crate::event::OutboxRow;
 use crate::outbox::attempts;
 use crate::outbox::marker::Marker;
@@ -169,25 +170,23 @@ pub(crate) struct Swept {
 }
 
 impl Sweeper {
+    /// A sweeper with `config`'s prefix, minimum age, retries, projection
+    /// and byte budget (a batch's payload bytes at most).
     pub(crate) fn new(
         js: jetstream::Context,
         turn: Arc<PublishTurn>,
         boundary: Arc<Boundary>,
-        subject_prefix: String,
-        min_age: Duration,
-        max_retries: u32,
-        event_logs: bool,
-        max_batch_bytes: usize,
+        config: &Config,
     ) -> Sweeper {
         Sweeper {
             js,
             turn,
             boundary,
-            subject_prefix,
-            min_age,
-            max_retries,
-            event_logs,
-            max_batch_bytes: i64::try_from(max_batch_bytes).unwrap_or(i64::MAX),
+            subject_prefix: config.subject_prefix.clone(),
+            min_age: config.sweep_min_age,
+            max_retries: config.max_retries,
+            event_logs: config.event_logs,
+            max_batch_bytes: i64::try_from(config.max_in_flight_bytes).unwrap_or(i64::MAX),
             samples: Samples::default(),
         }
     }
