@@ -4,12 +4,13 @@
 //! publishing: rows already `published` (or `failed`) are skipped, `pending`
 //! ones are published, and rows that no longer exist (deleted by a cleanup
 //! job) are skipped once their transaction is provably visible, so a row
-//! merely not visible *yet* is never mistaken for a deleted one.
+//! merely not visible *yet* is never mistaken for a deleted one. The reader
+//! checks the rows of many transactions at once (a catch-up after downtime
+//! is mostly small transactions).
 
 use super::visibility;
-use crate::event::OutboxRow;
 use pgwire_replication::Lsn;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Statement};
@@ -24,7 +25,8 @@ const VISIBILITY_WAIT: Duration = Duration::from_secs(10);
 /// What the check decided for a chunk of replayed rows.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Replayed {
-    pub publish: Vec<OutboxRow>,
+    /// Rows not to publish: settled or deleted.
+    pub skip: HashSet<Uuid>,
     /// Already published or dead-lettered by an earlier run.
     pub settled: usize,
     /// Deleted since; nothing left to publish or mark.
@@ -57,48 +59,68 @@ impl ReplayCheck {
         commit_lsn <= self.horizon
     }
 
-    /// Splits the rows of transaction `xid` into those to publish and those
-    /// to skip.
+    /// Decides, for rows of any number of transactions (`(id, xid)`), which
+    /// to skip: one query for them all while every row is found (the usual
+    /// case), more only for rows not visible yet.
     pub(crate) async fn check(
         &self,
-        xid: u32,
-        rows: Vec<OutboxRow>,
+        rows: &[(Uuid, u32)],
     ) -> Result<Replayed, tokio_postgres::Error> {
         let mut outcome = Replayed::default();
-        let mut waiting = rows;
+        let mut missing = self.look_up(rows, &mut outcome).await?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
-        loop {
-            let ids: Vec<Uuid> = waiting.iter().map(|row| row.id).collect();
-            let pending: HashMap<Uuid, bool> = self
-                .db
-                .query(&self.status, &[&ids])
+        while !missing.is_empty() {
+            // Visible before the look-up below: a row it still cannot find
+            // is gone, not late.
+            let mut xids: Vec<u32> = missing.iter().map(|&(_, xid)| xid).collect();
+            xids.sort_unstable();
+            xids.dedup();
+            let visible = visibility::visible(&*self.db, &xids).await?;
+            let (gone, late): (Vec<_>, Vec<_>) = self
+                .look_up(&missing, &mut outcome)
                 .await?
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect();
-            let mut missing = Vec::new();
-            for row in waiting {
-                match pending.get(&row.id) {
-                    Some(true) => outcome.publish.push(row),
-                    Some(false) => outcome.settled += 1,
-                    None => missing.push(row),
-                }
+                .into_iter()
+                .partition(|(_, xid)| visible.contains(xid));
+            outcome.deleted += gone.len();
+            outcome.skip.extend(gone.iter().map(|&(id, _)| id));
+            // Published anyway after the wait: at least once beats never.
+            if late.is_empty() || started.elapsed() >= VISIBILITY_WAIT {
+                break;
             }
-            if missing.is_empty() {
-                return Ok(outcome);
-            }
-            if visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
-                outcome.deleted += missing.len();
-                return Ok(outcome);
-            }
-            if started.elapsed() >= VISIBILITY_WAIT {
-                outcome.publish.extend(missing);
-                return Ok(outcome);
-            }
-            waiting = missing;
+            missing = late;
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
         }
+        Ok(outcome)
+    }
+
+    /// Looks `rows` up: settled ones go to `outcome`, missing ones are
+    /// returned, pending ones are to be published.
+    async fn look_up(
+        &self,
+        rows: &[(Uuid, u32)],
+        outcome: &mut Replayed,
+    ) -> Result<Vec<(Uuid, u32)>, tokio_postgres::Error> {
+        let ids: Vec<Uuid> = rows.iter().map(|&(id, _)| id).collect();
+        let pending: HashMap<Uuid, bool> = self
+            .db
+            .query(&self.status, &[&ids])
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let mut missing = Vec::new();
+        for &(id, xid) in rows {
+            match pending.get(&id) {
+                Some(true) => {}
+                Some(false) => {
+                    outcome.settled += 1;
+                    outcome.skip.insert(id);
+                }
+                None => missing.push((id, xid)),
+            }
+        }
+        Ok(missing)
     }
 }

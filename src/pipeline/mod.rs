@@ -226,6 +226,13 @@ async fn stream_until_done(
                 let lag = reader.lag_seconds();
                 metrics.replication_lag_seconds.set(lag);
                 lag_watch.observe(lag);
+                // Replayed rows held back for their check wait at most a
+                // tick when the server sends nothing more (no keepalive).
+                match shutdown.unless(reader.publish_replayed()).await {
+                    Some(Ok(())) => {}
+                    Some(Err(error)) => break Some(error),
+                    None => break None,
+                }
             }
             event = stream.recv() => {
                 let handled = match event {

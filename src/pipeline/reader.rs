@@ -14,14 +14,29 @@ use crate::pgtime::seconds_since;
 use crate::publish::policy::{verdict, Failure};
 use crate::replication::pgoutput::{DecodeError, Decoder};
 use pgwire_replication::{Lsn, ReplicationEvent};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::mpsc::Sender;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-/// Rows of a replayed transaction checked against the table in one query.
+/// Replayed rows checked against the table in one query, across
+/// transactions (a catch-up after downtime is mostly small transactions).
 const REPLAY_CHUNK: usize = 2000;
+/// Items held back for the check at most, rows and positions together.
+const HELD_BACK_MAX: usize = 2 * REPLAY_CHUNK;
+
+/// An item held back behind replayed rows until they are checked: positions
+/// too, since a position must not overtake the rows before it.
+enum HeldBack {
+    Row {
+        row: OutboxRow,
+        held: Held,
+        xid: u32,
+        committed_at: i64,
+    },
+    Confirm(Lsn),
+}
 
 pub(super) struct Reader {
     decoder: Decoder,
@@ -30,8 +45,11 @@ pub(super) struct Reader {
     replay: ReplayCheck,
     /// The open transaction, if any.
     open: Option<OpenTransaction>,
-    /// Rows of a replayed transaction waiting for their status check.
-    replayed: Vec<(OutboxRow, Held)>,
+    /// Replayed rows waiting for their status check, and the positions
+    /// behind them, in stream order.
+    held_back: Vec<HeldBack>,
+    /// Rows among `held_back`.
+    held_back_rows: usize,
     /// Payload bytes between here and settling are capped.
     budget: Budget,
     /// For dead-lettering an event that cannot be decoded into a message.
@@ -60,7 +78,8 @@ impl Reader {
             items: Some(items),
             replay,
             open: None,
-            replayed: Vec::new(),
+            held_back: Vec::new(),
+            held_back_rows: 0,
             budget,
             db,
             last_confirm: Lsn::ZERO,
@@ -141,12 +160,22 @@ impl Reader {
                 };
                 let held = self.hold(&row).await?;
                 if self.must_check(&row) {
-                    self.replayed.push((row, held));
-                    if self.replayed.len() >= REPLAY_CHUNK {
+                    let (committed_at, xid) =
+                        self.open.map_or((0, 0), |tx| (tx.committed_at, tx.xid));
+                    self.held_back.push(HeldBack::Row {
+                        row,
+                        held,
+                        xid,
+                        committed_at,
+                    });
+                    self.held_back_rows += 1;
+                    if self.held_back_rows >= REPLAY_CHUNK {
                         self.publish_replayed().await?;
                     }
                     Ok(())
                 } else {
+                    // Nothing overtakes the rows held back.
+                    self.publish_replayed().await?;
                     self.publish(row, held).await
                 }
             }
@@ -155,7 +184,6 @@ impl Reader {
                 commit_time_micros,
                 ..
             } => {
-                self.publish_replayed().await?;
                 self.open = None;
                 if end_lsn > self.last_confirm {
                     self.unconfirmed.push_back((end_lsn, commit_time_micros));
@@ -170,6 +198,8 @@ impl Reader {
                 server_time_micros,
                 ..
             } if self.open.is_none() => {
+                // The server has nothing more for now: check what is held.
+                self.publish_replayed().await?;
                 if wal_end > self.last_confirm {
                     self.unconfirmed.push_back((wal_end, server_time_micros));
                 }
@@ -236,23 +266,25 @@ impl Reader {
         .await
     }
 
-    /// Publishes the buffered rows of a replayed transaction, except those an
-    /// earlier run already published (or dead-lettered). Once the replay is
-    /// over this is never reached: the check costs nothing on the live path.
-    async fn publish_replayed(&mut self) -> Result<(), Error> {
-        if self.replayed.is_empty() {
+    /// Publishes the held-back rows of replayed transactions, except those
+    /// an earlier run already published (or dead-lettered), and the
+    /// positions behind them, in order. Once the replay is over this is never
+    /// reached: the check costs nothing on the live path. The publisher
+    /// works through the previous chunk meanwhile.
+    pub(super) async fn publish_replayed(&mut self) -> Result<(), Error> {
+        if self.held_back.is_empty() {
             return Ok(());
         }
-        let (rows, mut held): (Vec<OutboxRow>, HashMap<Uuid, Held>) =
-            std::mem::take(&mut self.replayed)
-                .into_iter()
-                .map(|(row, h)| {
-                    let id = row.id;
-                    (row, (id, h))
-                })
-                .unzip();
-        let xid = self.open.map_or(0, |tx| tx.xid);
-        let outcome = self.replay.check(xid, rows).await?;
+        let held_back = std::mem::take(&mut self.held_back);
+        self.held_back_rows = 0;
+        let rows: Vec<(Uuid, u32)> = held_back
+            .iter()
+            .filter_map(|item| match item {
+                HeldBack::Row { row, xid, .. } => Some((row.id, *xid)),
+                HeldBack::Confirm(_) => None,
+            })
+            .collect();
+        let outcome = self.replay.check(&rows).await?;
         if outcome.settled + outcome.deleted > 0 {
             self.metrics
                 .replay_skipped
@@ -263,13 +295,24 @@ impl Reader {
                 "replay: rows already published (or since deleted) are not published again"
             );
         }
-        for row in outcome.publish {
-            // Rows skipped return their share as `held` drops.
-            let share = match held.remove(&row.id) {
-                Some(share) => share,
-                None => self.budget.hold(row.payload.len()).await,
+        for item in held_back {
+            let item = match item {
+                // Rows skipped return their share of the budget as `held` drops.
+                HeldBack::Row { row, .. } if outcome.skip.contains(&row.id) => continue,
+                HeldBack::Row {
+                    row,
+                    held,
+                    xid,
+                    committed_at,
+                } => Item::Event {
+                    row,
+                    committed_at,
+                    xid,
+                    held,
+                },
+                HeldBack::Confirm(lsn) => Item::Confirm(lsn),
             };
-            self.publish(row, share).await?;
+            self.send(item).await?;
         }
         Ok(())
     }
@@ -279,7 +322,14 @@ impl Reader {
             return Ok(());
         }
         self.last_confirm = lsn;
-        self.send(Item::Confirm(lsn)).await
+        if self.held_back.is_empty() {
+            return self.send(Item::Confirm(lsn)).await;
+        }
+        self.held_back.push(HeldBack::Confirm(lsn));
+        if self.held_back.len() >= HELD_BACK_MAX {
+            self.publish_replayed().await?;
+        }
+        Ok(())
     }
 }
 
