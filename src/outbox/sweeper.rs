@@ -241,7 +241,20 @@ impl Sweeper {
             let mut batch = Vec::with_capacity(rows.len());
             for r in &rows {
                 let retries = u32::try_from(r.try_get::<_, i32>(ROW_COLUMN_COUNT)?).unwrap_or(0);
-                batch.push((row_from(r)?, retries));
+                match row_from(r) {
+                    Ok(row) => batch.push((row, retries)),
+                    // A NULL the contract has no room for (after a schema
+                    // change): it fails alone, as the stream fails it.
+                    Err(error) => {
+                        let id = r.try_get(0)?;
+                        let reason = format!("cannot publish: {error}");
+                        let dead = verdict(Failure::Permanent, 0, 0);
+                        if attempts::record(&tx, id, &reason, dead).await? == Some(true) {
+                            swept.dead += 1;
+                            tracing::warn!(%id, error = %reason, "event failed (dead letter); fix the row and `outbox-tailer requeue` retries it");
+                        }
+                    }
+                }
             }
             let settled = self.publish(&tx, batch, &mut swept).await?;
             // The stream's mark path: the same statement, `event_logs` too.

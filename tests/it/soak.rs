@@ -1,14 +1,81 @@
 //! A seeded, bounded soak: faults mixed at random under load (kill -9,
 //! SIGTERM, NATS stop, PostgreSQL fast and immediate restarts, a killed
-//! walsender, bursts, oversized events, a standby), then: nothing missing,
-//! nothing extra, no duplicates, per-aggregate order kept, no row stuck
-//! pending. CI runs a short version; `SOAK_ROUNDS=100 SOAK_SEED=7 cargo test
-//! --release --test soak -- --nocapture` runs the long one.
+//! walsender, bursts, oversized events, a stream full for a while, a stalled
+//! synchronous standby, an oversized subject, an event that cannot be
+//! decoded), with a standby tailer, then: nothing missing, nothing extra, no
+//! duplicates, per-aggregate order kept, no row stuck pending. After each
+//! fault it measures, from outside, how long until the slot's confirmed
+//! position passes the server's WAL position at the fault's end (recovery),
+//! and prints the distribution per fault kind. CI runs a short version (every
+//! fault kind once); `SOAK_ROUNDS=100 SOAK_SEED=7 cargo test --release --test
+//! it soak -- --nocapture` runs the long one.
 
 use crate::common::*;
+use async_nats::jetstream::stream::DiscardPolicy;
 use outbox_testkit::StopMode;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
+
+/// The fault kinds, by the number the soak draws.
+const FAULTS: [&str; 12] = [
+    "kill -9 active",
+    "SIGTERM active",
+    "NATS stop",
+    "PG fast restart",
+    "PG immediate restart",
+    "walsender killed",
+    "burst of 2,000",
+    "oversized payload",
+    "stream full",
+    "stalled sync standby",
+    "oversized subject",
+    "undecodable event",
+];
+
+/// Waits (at most `limit`) until the slot is active and confirmed past the
+/// server's WAL position now; returns how long that took.
+async fn recovery(env: &Env, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut target: Option<String> = None;
+    while started.elapsed() < limit {
+        if let Ok(db) = env.pg.connect(DB).await {
+            if target.is_none() {
+                target = db
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                    .ok()
+                    .map(|r| r.get(0));
+            }
+            if let Some(target) = &target {
+                let caught_up = db
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active \
+                         AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                        &[&SLOT, target],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+                if caught_up {
+                    return started.elapsed();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    limit
+}
+
+/// Sets (or, with `None`, resets) a server setting and reloads.
+async fn set_system(db: &tokio_postgres::Client, name: &str, value: Option<&str>) {
+    let sql = match value {
+        Some(value) => format!("ALTER SYSTEM SET {name} = '{value}'"),
+        None => format!("ALTER SYSTEM RESET {name}"),
+    };
+    let _ = db.batch_execute(&sql).await;
+    let _ = db.batch_execute("SELECT pg_reload_conf()").await;
+}
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -19,7 +86,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
-    let rounds = env_number("SOAK_ROUNDS", 8);
+    let rounds = env_number("SOAK_ROUNDS", FAULTS.len() as u64);
     let seed = env_number("SOAK_SEED", 7);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut env = Env::start().await;
@@ -36,12 +103,26 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
     );
     let mut oversized = 0;
     let mut nats_stops = 0;
+    let mut recoveries: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
     let started = Instant::now();
+    // Every kind once per cycle, in a seeded order: a short run sees them all.
+    let mut order: Vec<usize> = Vec::new();
 
     for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
-        let fault = rng.u32(0..8);
-        eprintln!("[soak seed {seed}] round {round}: fault {fault}");
+        if order.is_empty() {
+            order = (0..FAULTS.len()).collect();
+            rng.shuffle(&mut order);
+        }
+        let fault = order.pop().unwrap_or(0);
+        // After a PostgreSQL restart either tailer may have won the slot:
+        // the faults below are meant for the one that holds it.
+        if let Ok(client) = env.pg.connect(DB).await {
+            if !holds_slot(&client, &active).await && holds_slot(&client, &standby).await {
+                std::mem::swap(&mut active, &mut standby);
+            }
+        }
+        eprintln!("[soak seed {seed}] round {round}: {}", FAULTS[fault]);
         match fault {
             // kill -9 the active tailer: the standby takes over; a new standby joins.
             0 => {
@@ -77,6 +158,69 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
                     let _ = try_insert_events(&client, &format!("burst-{round}"), 0, 2000).await;
                 }
             }
+            // The stream at its limit (discard new) for a while: publishing
+            // stalls, nothing fails, and it resumes once the limit is lifted.
+            8 => {
+                let js = env.js().await;
+                if let Ok(mut stream) = js.get_stream(STREAM).await {
+                    if let Ok(info) = stream.info().await {
+                        let mut full = info.config.clone();
+                        full.max_messages = i64::try_from(info.state.messages).unwrap_or(i64::MAX);
+                        full.discard = DiscardPolicy::New;
+                        let mut lifted = info.config.clone();
+                        lifted.max_messages = -1;
+                        if js.update_stream(full).await.is_ok() {
+                            tokio::time::sleep(Duration::from_millis(rng.u64(1000..4000))).await;
+                        }
+                        js.update_stream(lifted)
+                            .await
+                            .expect("lifting the stream's limit");
+                    }
+                }
+            }
+            // A synchronous standby that does not exist: commits block and
+            // stay invisible (the stream decodes them all the same), then
+            // it is released.
+            9 => {
+                if let Ok(client) = env.pg.connect(DB).await {
+                    set_system(&client, "synchronous_standby_names", Some("nowhere")).await;
+                    tokio::time::sleep(Duration::from_millis(rng.u64(1000..5000))).await;
+                    set_system(&client, "synchronous_standby_names", None).await;
+                }
+            }
+            // A subject nats-server cannot take: a dead letter at once.
+            10 => {
+                if let Ok(client) = env.pg.connect(DB).await {
+                    if client
+                        .execute(
+                            "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+                             VALUES ('chat', 'long-subject', repeat('t', 5000), '{}')",
+                            &[],
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        oversized += 1;
+                    }
+                }
+            }
+            // A NULL the contract has no room for, after a schema change:
+            // the event fails alone, the stream goes on.
+            11 => {
+                if let Ok(client) = env.pg.connect(DB).await {
+                    if client
+                        .batch_execute(
+                            "ALTER TABLE event_outbox ALTER COLUMN aggregate_type DROP NOT NULL; \
+                             INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+                             VALUES (NULL, 'no-type', 'message.created', '{}')",
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        oversized += 1;
+                    }
+                }
+            }
             // An event over max_payload: a dead letter, not in the stream.
             _ => {
                 if let Ok(client) = env.pg.connect(DB).await {
@@ -94,6 +238,12 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
                 }
             }
         }
+        let took = recovery(&env, Duration::from_secs(60)).await;
+        eprintln!(
+            "[soak seed {seed}] round {round}: {} recovered in {took:.1?}",
+            FAULTS[fault]
+        );
+        recoveries.entry(fault).or_default().push(took);
     }
     load.stop().await;
 
@@ -142,6 +292,29 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
         started.elapsed(),
         seen.len(),
         out_of_order.len()
+    );
+    eprintln!("[soak seed {seed}] recovery (fault's end to the slot confirmed past the WAL position then), per kind:");
+    for (fault, times) in &mut recoveries {
+        times.sort();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        eprintln!(
+            "[soak seed {seed}]   {:<22} n={:<3} median {:>6.1?}  p90 {:>6.1?}  max {:>6.1?}",
+            FAULTS[*fault],
+            times.len(),
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+    }
+    let slowest = recoveries
+        .values()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    assert!(
+        slowest < Duration::from_secs(30),
+        "[soak seed {seed}] a fault took {slowest:?} to recover from"
     );
     drop(standby);
 }

@@ -308,3 +308,39 @@ async fn a_nats_outage_mid_sweep_keeps_order_and_publishes_once() {
     );
     assert_eq!(order_breaks(&messages), Vec::<String>::new());
 }
+
+/// A pending row that cannot become a message (a NULL after a schema
+/// change) fails alone in the sweeper, as in the stream; it used to fail
+/// every sweep, and catch-up stopped behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swept_row_that_cannot_be_a_message_is_a_dead_letter() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    insert_events(&db, "before", 0, 10).await;
+    db.batch_execute(
+        "ALTER TABLE event_outbox ALTER COLUMN aggregate_type DROP NOT NULL; \
+         INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES (NULL, 'no-type', 'message.created', '{}')",
+    )
+    .await
+    .unwrap();
+    insert_events(&db, "after", 0, 10).await;
+    let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    let js = env.js().await;
+    wait_for(
+        "the sweep to settle every row",
+        Duration::from_secs(30),
+        || async { (status_counts(&db).await == (0, 20, 1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(stream_count(&js, STREAM).await, 20);
+    let error: String = db
+        .query_one(
+            "SELECT last_error FROM event_outbox WHERE aggregate_id = 'no-type'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("cannot publish"), "{error}");
+}

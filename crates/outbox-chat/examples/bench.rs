@@ -10,6 +10,9 @@
 //!   (default 10,000; 0 = as fast as they can); publish rate, and
 //!   commit→JetStream latency.
 //! - paced: 300 single-row transactions/s; commit→JetStream latency p50/p99.
+//! - catchup (tailer only, not run by default): the drain twice, the events
+//!   committed in transactions of 100 and then of 1 while the tailer was
+//!   stopped; the second rate as a share of the first.
 //! - big (tailer only): one transaction of 200,000 inserts; peak RSS.
 //! - prune (tailer only, not run by default): the paced load beside 500,000
 //!   old published rows, then again with `outbox-tailer prune` deleting them
@@ -64,7 +67,7 @@ struct Args {
     /// Old published rows in the prune phase.
     #[arg(long, default_value_t = 500_000)]
     prune_rows: usize,
-    /// Run only these phases (drain, live, paced, big, prune).
+    /// Run only these phases (drain, live, paced, big, prune, catchup).
     #[arg(long, value_delimiter = ',', default_value = "drain,live,paced,big")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit (on: as production runs;
@@ -182,8 +185,24 @@ async fn main() -> Result<()> {
         match phase.as_str() {
             "drain" => {
                 for &publisher in &publishers {
-                    record(bench.drain(publisher).await?);
+                    record(bench.drain(publisher, 100).await?);
                 }
+            }
+            "catchup" => {
+                // The same events, written while the tailer was stopped, in
+                // transactions of 100 and of 1: what a catch-up after
+                // downtime costs per transaction (each is replay-checked).
+                let batched = bench.drain(Publisher::Tailer, 100).await?;
+                let rate = batched.rate;
+                record(batched);
+                let mut single = bench.drain(Publisher::Tailer, 1).await?;
+                single.phase = "catchup";
+                single.note = format!(
+                    "{}; 1-row transactions at {:.2}x the 100-row rate",
+                    single.note,
+                    single.rate / rate
+                );
+                record(single);
             }
             "live" => {
                 for &publisher in &publishers {
@@ -400,7 +419,9 @@ impl Bench<'_> {
         Ok(())
     }
 
-    async fn drain(&self, publisher: Publisher) -> Result<Line> {
+    /// Drains `--events` events committed beforehand in transactions of
+    /// `per_transaction` rows.
+    async fn drain(&self, publisher: Publisher, per_transaction: usize) -> Result<Line> {
         self.reset().await?;
         if publisher.tails() {
             // The slot must exist before the backlog is written.
@@ -410,14 +431,22 @@ impl Bench<'_> {
             wait_slot_active(&self.db, false).await?;
         }
         let producer = Producer::connect(&self.url).await?;
+        if per_transaction < 100 {
+            // Small transactions are many commits: not waiting for each
+            // flush makes the backlog quick to write (it is not measured).
+            producer
+                .db
+                .batch_execute("SET synchronous_commit = off")
+                .await?;
+        }
         let mut written = 0;
         while written < self.args.events {
-            let n = 100.min(self.args.events - written);
+            let n = per_transaction.min(self.args.events - written);
             producer.batch(n).await?;
             written += n;
         }
         println!(
-            "drain  {:<6}: {} events committed; starting the publisher",
+            "drain  {:<6}: {} events committed in transactions of {per_transaction}; starting the publisher",
             publisher.name(),
             written
         );

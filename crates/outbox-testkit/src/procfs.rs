@@ -98,6 +98,34 @@ pub fn clock_ticks_per_second() -> f64 {
     }
 }
 
+/// Whether process `pid` holds the TCP socket whose local port is `port`
+/// (IPv4, as loopback connections here are): its inode, from
+/// `/proc/net/tcp`, among the process's file descriptors.
+pub fn holds_local_port(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let wanted = format!(":{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?;
+            fields
+                .get(1)?
+                .ends_with(&wanted)
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+        })
+    })
+}
+
 /// Sends SIGTERM to `pid` (a child of ours); a process that is gone is not an error.
 pub fn terminate(pid: u32) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
@@ -124,6 +152,14 @@ mod tests {
         let line = "42 (a (b) c) S 17 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0";
         assert_eq!(stat_parent(line), Some(17));
         assert!(tree_cpu_seconds(std::process::id()) >= 0.0);
+    }
+
+    #[test]
+    fn a_socket_of_this_process_is_held_by_it_and_not_by_another() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(holds_local_port(std::process::id(), port));
+        assert!(!holds_local_port(1, port));
     }
 
     #[test]

@@ -232,6 +232,23 @@ where
 }
 
 /// Waits until the tailer holds the slot (it is streaming).
+/// Whether `tailer` is the process holding the slot: the slot's walsender's
+/// client port is a socket of the tailer's.
+pub async fn holds_slot(db: &Client, tailer: &Tailer) -> bool {
+    let port: Option<i32> = db
+        .query_opt(
+            "SELECT r.client_port FROM pg_stat_replication r \
+             JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1",
+            &[&SLOT],
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get(0));
+    port.and_then(|p| u16::try_from(p).ok())
+        .is_some_and(|p| outbox_testkit::procfs::holds_local_port(tailer.child.id(), p))
+}
+
 pub async fn wait_streaming(db: &Client, slot: &str, tailer: &Tailer) {
     wait_for(
         "the tailer to hold the slot",
