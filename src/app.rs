@@ -147,14 +147,15 @@ async fn sessions(
             return Ok(());
         }
         let started = Instant::now();
-        let error = match pipeline::run_session(config, nats, metrics, sweep, &mut primary, shutdown).await
-        {
-            Ok(drained) => {
-                tracing::info!(confirmed = %drained.confirmed, "stopped");
-                return Ok(());
-            }
-            Err(error) => error,
-        };
+        let error =
+            match pipeline::run_session(config, nats, metrics, sweep, &mut primary, shutdown).await
+            {
+                Ok(drained) => {
+                    tracing::info!(confirmed = %drained.confirmed, "stopped");
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
         if error.action() == Action::Stop {
             return Err(error);
         }

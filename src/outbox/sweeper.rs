@@ -23,10 +23,10 @@ use crate::pgtime::PG_EPOCH_UNIX_MICROS;
 use crate::publish::message::Message;
 use crate::publish::policy::{classify, refuse, verdict, Failure, Verdict};
 use crate::publish::turn::PublishTurn;
+use crate::replication::timeline::{self, ServerId};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use std::collections::VecDeque;
-use crate::replication::timeline::{self, ServerId};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -446,11 +446,19 @@ mod tests {
     #[test]
     fn the_horizon_is_the_newest_sample_the_stream_confirmed() {
         let mut samples = Samples::default();
-        assert_eq!(samples.confirmed_at(on(ONE, u64::MAX)), None, "no sample yet");
+        assert_eq!(
+            samples.confirmed_at(on(ONE, u64::MAX)),
+            None,
+            "no sample yet"
+        );
         samples.push(ONE, 1_000, 100);
         samples.push(ONE, 2_000, 200);
         samples.push(ONE, 3_000, 300);
-        assert_eq!(samples.confirmed_at(on(ONE, 0)), None, "nothing confirmed yet");
+        assert_eq!(
+            samples.confirmed_at(on(ONE, 0)),
+            None,
+            "nothing confirmed yet"
+        );
         assert_eq!(samples.confirmed_at(on(ONE, 99)), None);
         assert_eq!(samples.confirmed_at(on(ONE, 250)), Some(2_000));
         assert_eq!(
@@ -493,9 +501,17 @@ mod tests {
         boundary.streaming_from(ONE);
         boundary.confirmed(1_000);
         boundary.streaming_from(ONE);
-        assert_eq!(*boundary.lock(), on(ONE, 1_000), "a restart keeps the position");
+        assert_eq!(
+            *boundary.lock(),
+            on(ONE, 1_000),
+            "a restart keeps the position"
+        );
         boundary.streaming_from(TWO);
-        assert_eq!(*boundary.lock(), on(TWO, 0), "a new primary starts from nothing");
+        assert_eq!(
+            *boundary.lock(),
+            on(TWO, 0),
+            "a new primary starts from nothing"
+        );
         boundary.confirmed(550);
         assert_eq!(*boundary.lock(), on(TWO, 550));
     }

@@ -30,7 +30,7 @@ use crate::outbox::sweeper::Boundary;
 use crate::publish::turn::PublishTurn;
 use crate::replication::progress::Progress;
 use crate::replication::setup::Slot;
-use crate::replication::timeline::{self, Change, PrimaryWatch, ServerId};
+use crate::replication::timeline::{self, Change, PrimaryWatch};
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
 use budget::{Budget, Held};
@@ -165,7 +165,7 @@ impl Opened {
         let stream = source::open(config, &endpoint, server).await?;
         // Before the stream confirms anything on this server.
         sweep.streaming_from(server);
-        report_server(config, metrics, primary.observe(server), server, slot);
+        report_server(config, metrics, primary.observe(server), slot);
         let horizon = current_wal_lsn(&db).await?;
         tracing::info!(slot = %config.slot, server = %endpoint, timeline = server.timeline, replay_horizon = %horizon, "streaming");
         Ok(Opened {
@@ -177,40 +177,28 @@ impl Opened {
     }
 }
 
-/// Says when the session streams from another primary than the last one,
-/// and when a slot was created on a server that has been promoted (a
-/// restarted tailer cannot know the previous primary, but a new slot on a
-/// later timeline is the sign).
-fn report_server(config: &Config, metrics: &Metrics, change: Change, server: ServerId, slot: Slot) {
+/// Says when the session streams from another primary than the last one.
+fn report_server(config: &Config, metrics: &Metrics, change: Change, slot: Slot) {
+    let Change::Primary { from, to } = change else {
+        return;
+    };
+    metrics.primary_changes.inc();
+    let what = if from.system == to.system {
+        format!("timeline {} -> {}", from.timeline, to.timeline)
+    } else {
+        format!(
+            "another cluster: system {} timeline {} -> system {} timeline {}",
+            from.system, from.timeline, to.system, to.timeline
+        )
+    };
     let slot_text = match slot {
         Slot::Created => "created anew",
-        Slot::Existed => "already there (PostgreSQL 17 failover slot, or created before)",
+        Slot::Existed => "already there (a PostgreSQL 17 failover slot, or made earlier)",
     };
-    match change {
-        Change::Primary { from, to } => {
-            metrics.primary_changes.inc();
-            let what = if from.system == to.system {
-                format!("timeline {} -> {}", from.timeline, to.timeline)
-            } else {
-                format!(
-                    "another cluster: system {} timeline {} -> system {} timeline {}",
-                    from.system, from.timeline, to.system, to.timeline
-                )
-            };
-            tracing::warn!(
-                "PostgreSQL primary changed ({what}): slot {} {slot_text}; rows still pending are published by the catch-up sweeper",
-                config.slot
-            );
-        }
-        Change::First if slot == Slot::Created && server.timeline > 1 => {
-            tracing::info!(
-                "slot {} created on timeline {} ({server}): if this server was promoted, rows still pending are published by the catch-up sweeper",
-                config.slot,
-                server.timeline
-            );
-        }
-        Change::First | Change::Same => {}
-    }
+    tracing::warn!(
+        "PostgreSQL primary changed ({what}): slot {} {slot_text}; rows still pending are published by the catch-up sweeper",
+        config.slot
+    );
 }
 
 /// The body of a session, once the stream is open.

@@ -151,7 +151,11 @@ mod tests {
         let names: Vec<String> = shared.iter().map(Endpoint::to_string).collect();
         assert_eq!(names, ["a:6000", "b:6000"]);
         let url = endpoints(&parse("postgresql://u@a,b:6000/db"));
-        assert_eq!(list(&url), "a:5432,b:6000", "in a URL a host without a port has 5432");
+        assert_eq!(
+            list(&url),
+            "a:5432,b:6000",
+            "in a URL a host without a port has 5432"
+        );
         let each = endpoints(&parse("postgresql://u@a:5433,b:5434/db"));
         assert_eq!(list(&each), "a:5433,b:5434");
         let default = endpoints(&parse("postgresql://u@db/chat"));

@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::event::OUTBOX_TABLE;
 use crate::replication::hosts::{self, Endpoint};
+use crate::replication::timeline;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -273,6 +274,13 @@ pub(crate) async fn ensure_slot(
     match db.execute(create, &[&name]).await {
         Ok(_) => {
             tracing::info!(slot = name, failover, "created replication slot");
+            // A restarted tailer cannot know the previous primary, but a
+            // new slot on a later timeline is the sign of a promotion.
+            if let Ok(server) = timeline::query(db).await {
+                if server.timeline > 1 {
+                    tracing::info!("slot {name} created on timeline {} ({server}): if this server was promoted, rows still pending are published by the catch-up sweeper", server.timeline);
+                }
+            }
             Ok(Slot::Created)
         }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {

@@ -34,7 +34,8 @@ impl fmt::Display for ServerId {
 /// a promotion until its checkpoint ends). Any role may run it; it fails on
 /// a standby (`pg_walfile_name` refuses during recovery), which is right:
 /// the tailer streams from a primary.
-pub(crate) const IDENTITY_SQL: &str = "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
+pub(crate) const IDENTITY_SQL: &str =
+    "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
             pg_walfile_name(pg_current_wal_insert_lsn())";
 
 /// Reads the [`ServerId`] over a query connection.
@@ -110,7 +111,13 @@ mod tests {
         );
         assert_eq!(parse("1", "0000001A0000000000000003").timeline, 26);
         assert_eq!(parse_system("-1"), u64::MAX, "a signed bigint");
-        assert_eq!(parse("x", "short"), ServerId { system: 0, timeline: 0 });
+        assert_eq!(
+            parse("x", "short"),
+            ServerId {
+                system: 0,
+                timeline: 0
+            }
+        );
     }
 
     #[test]
@@ -120,10 +127,7 @@ mod tests {
             system: 7,
             timeline: 1,
         };
-        let two = ServerId {
-            timeline: 2,
-            ..one
-        };
+        let two = ServerId { timeline: 2, ..one };
         assert_eq!(watch.observe(one), Change::First);
         assert_eq!(watch.observe(one), Change::Same, "a restart");
         assert_eq!(watch.observe(two), Change::Primary { from: one, to: two });

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 /// `postgresql://<user>@127.0.0.1:<p1>,127.0.0.1:<p2>/chat?target_session_attrs=read-write`.
-fn multi_host(user: &str, first: &PgServer, second: &PgServer) -> String {
+pub fn multi_host(user: &str, first: &PgServer, second: &PgServer) -> String {
     format!(
         "postgresql://{user}@127.0.0.1:{},127.0.0.1:{}/{DB}?target_session_attrs=read-write",
         first.port(),
@@ -39,13 +39,15 @@ async fn primary_and_standby() -> (Env, PgServer) {
     (env, standby)
 }
 
-async fn scrape(port: u16) -> String {
-    http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1
+pub async fn scrape(port: u16) -> String {
+    http_get(&format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .1
 }
 
 /// Rows of the new primary by id (as text), and every event id in the
 /// stream with how often it is stored.
-async fn table_ids(db: &Client) -> HashSet<String> {
+pub async fn table_ids(db: &Client) -> HashSet<String> {
     db.query("SELECT id::text FROM event_outbox", &[])
         .await
         .unwrap()
@@ -54,7 +56,7 @@ async fn table_ids(db: &Client) -> HashSet<String> {
         .collect()
 }
 
-async fn stream_ids(env: &Env) -> HashMap<String, u32> {
+pub async fn stream_ids(env: &Env) -> HashMap<String, u32> {
     let mut seen = HashMap::new();
     for message in read_stream(&env.js().await, STREAM).await {
         let id = message
@@ -168,7 +170,9 @@ async fn primary_change_under_load(reach: Reach) {
         Duration::from_secs(30),
         || async {
             let stored = stream_ids(&env).await;
-            rows.iter().all(|id| stored.contains_key(id)).then_some(stored)
+            rows.iter()
+                .all(|id| stored.contains_key(id))
+                .then_some(stored)
         },
     )
     .await;

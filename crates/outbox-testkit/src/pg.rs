@@ -191,7 +191,10 @@ impl PgServer {
             .arg("-D")
             .arg(self.data_dir())
             .args(["-w", "-t", "60"]);
-        run_to_end(as_user(&mut promote, self.run_as, self.dir.path()), "pg_ctl promote")
+        run_to_end(
+            as_user(&mut promote, self.run_as, self.dir.path()),
+            "pg_ctl promote",
+        )
     }
 
     /// Starts the stopped server again, on the same port and data directory.
