@@ -190,6 +190,6 @@ mod tests {
             ),
             "only the servers differ"
         );
-        assert_eq!(endpoints(&one), [second.clone()]);
+        assert_eq!(endpoints(&one), std::slice::from_ref(second));
     }
 }
