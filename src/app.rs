@@ -10,6 +10,7 @@ use crate::outbox::sweeper::{Boundary, Sweeper, Swept};
 use crate::publish::jetstream;
 use crate::publish::turn::PublishTurn;
 use crate::replication::setup::{self, SetupError};
+use crate::replication::timeline::PrimaryWatch;
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervised;
 use crate::{http, pipeline, stats};
@@ -130,19 +131,23 @@ async fn sessions(
     let mut attempt = 0;
     // Logged once on becoming a standby, not on every poll.
     let mut standby = false;
+    // The primary of the last session: a change is logged and counted.
+    let mut primary = PrimaryWatch::default();
     loop {
         // Every session checks the stream: one deleted meanwhile is recreated.
         if !ensure_stream(js, config, shutdown).await {
             return Ok(());
         }
         let started = Instant::now();
-        let error = match pipeline::run_session(config, nats, metrics, sweep, shutdown).await {
-            Ok(drained) => {
-                tracing::info!(confirmed = %drained.confirmed, "stopped");
-                return Ok(());
-            }
-            Err(error) => error,
-        };
+        let error =
+            match pipeline::run_session(config, nats, metrics, sweep, &mut primary, shutdown).await
+            {
+                Ok(drained) => {
+                    tracing::info!(confirmed = %drained.confirmed, "stopped");
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
         if error.action() == Action::Stop {
             return Err(error);
         }

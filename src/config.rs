@@ -116,6 +116,9 @@ pub struct Options {
         default_value = "event_outbox_tailer"
     )]
     pub slot: String,
+    /// Create the slot with failover = true (PostgreSQL 17+), so that standbys with sync_replication_slots = on keep a copy a promoted standby can stream from.
+    #[arg(long, env = "OUTBOX_SLOT_FAILOVER", global = true)]
+    pub slot_failover: bool,
     /// Insert-only publication on event_outbox.
     #[arg(
         long,
@@ -285,6 +288,8 @@ pub struct Config {
     pub nats_url: String,
     pub(crate) nats: NatsConfig,
     pub slot: String,
+    /// Create the slot with `failover = true` (PostgreSQL 17+).
+    pub slot_failover: bool,
     pub publication: String,
     pub stream: String,
     pub subject_prefix: String,
@@ -308,6 +313,7 @@ impl fmt::Debug for Config {
             .field("nats_url", &redact_url(&self.nats_url))
             .field("nats", &self.nats)
             .field("slot", &self.slot)
+            .field("slot_failover", &self.slot_failover)
             .field("publication", &self.publication)
             .field("stream", &self.stream)
             .field("subject_prefix", &self.subject_prefix)
@@ -400,6 +406,7 @@ impl Config {
             nats_url: options.nats_url.clone(),
             nats,
             slot: options.slot.clone(),
+            slot_failover: options.slot_failover,
             publication: options.publication.clone(),
             stream: options.stream.clone(),
             subject_prefix: options.subject_prefix.clone(),
@@ -893,6 +900,7 @@ mod tests {
         assert_eq!(config.metrics_addr, "0.0.0.0:9599".parse().unwrap());
         assert_eq!(config.max_retries, 10);
         assert!(!config.event_logs);
+        assert!(!config.slot_failover);
         assert_eq!(config.log_format, LogFormat::Text);
     }
 

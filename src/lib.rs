@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`app`]: `run` (the session loop, reconnecting after failures) and `setup`.
 //! - [`pipeline`]: one replication session: reader → publisher → marker tasks.
-//! - [`replication`]: start-up checks, publication and slot, the replication
-//!   stream, pgoutput decoding (pure), LSN progress.
+//! - [`replication`]: start-up checks, publication and slot, the servers of a
+//!   multi-host URL, the replication stream (on the server the query
+//!   connection reached), which primary it is (timeline), pgoutput decoding
+//!   (pure), LSN progress.
 //! - [`publish`]: subjects and messages (pure), failure classes, the JetStream
 //!   connection and stream, and whose turn it is to publish (stream or sweeper).
 //! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`];

@@ -47,6 +47,7 @@ pub(crate) struct Metrics {
     pub replay_skipped: IntCounter,
     pub sessions: IntCounter,
     pub session_failures: IntCounter,
+    pub primary_changes: IntCounter,
     pub confirmed_lsn: IntGauge,
     pub last_publish_timestamp: Gauge,
     pub stats_poll_errors: IntCounter,
@@ -181,6 +182,10 @@ impl Metrics {
                 "Re-delivered events not published again (already published, or deleted).",
             ),
             sessions: counter("outbox_replication_sessions_total", "Replication sessions started."),
+            primary_changes: counter(
+                "outbox_primary_changes_total",
+                "Sessions that found another PostgreSQL primary than the last session (a new timeline or system identifier).",
+            ),
             session_failures: counter("outbox_replication_session_failures_total", "Sessions that ended in an error."),
             confirmed_lsn: int_gauge("outbox_confirmed_lsn", "The last position confirmed to the server, as a number."),
             last_publish_timestamp: gauge(

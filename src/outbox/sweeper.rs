@@ -26,10 +26,11 @@ use crate::pipeline::window::Window;
 use crate::publish::chain::Chain;
 use crate::publish::policy::{classify, never_sent, verdict, Failure, Verdict};
 use crate::publish::turn::PublishTurn;
+use crate::replication::timeline::{self, ServerId};
 use async_nats::jetstream;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Transaction};
@@ -68,26 +69,59 @@ const SWEEP_WHERE: &str = concat!(
     "ORDER BY next_retry_at, created_at, ctid FOR UPDATE SKIP LOCKED"
 );
 /// The server's time, then its WAL insert position (read in that order:
-/// every commit before the time was inserted before the position).
+/// every commit before the time was inserted before the position), and
+/// which server it is ([`timeline::IDENTITY_SQL`]'s columns): a position
+/// means something only on the timeline it was read on.
 const SAMPLE_SQL: &str =
-    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_current_wal_insert_lsn()";
+    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_current_wal_insert_lsn(), \
+            (SELECT system_identifier::text FROM pg_control_system()), \
+            pg_walfile_name(pg_current_wal_insert_lsn())";
 
 /// What the stream and the sweeper tell each other so that they do not both
 /// publish a row.
 #[derive(Debug, Default)]
 pub(crate) struct Boundary {
-    /// The stream has published and marked every transaction that ended at
-    /// or before this WAL position (0: nothing yet).
-    confirmed_lsn: AtomicU64,
+    /// Where the stream stands: the server it streams from, and the WAL
+    /// position up to which it has published and marked every transaction.
+    confirmed: Mutex<Confirmed>,
     /// The sweeper may have taken rows created before this (microseconds
     /// since 2000-01-01; 0: none taken).
     swept_before: AtomicI64,
 }
 
+/// The stream's confirmed position, on the server it was confirmed on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Confirmed {
+    /// None until a session has started.
+    server: Option<ServerId>,
+    /// Only increasing while the server stays the same (0: nothing yet).
+    lsn: u64,
+}
+
 impl Boundary {
+    /// A session streams from `server`. After a change of primary the old
+    /// timeline's position means nothing on the new one (the new slot starts
+    /// elsewhere): the stream's progress starts again from nothing.
+    pub(crate) fn streaming_from(&self, server: ServerId) {
+        let mut confirmed = self.lock();
+        if confirmed.server != Some(server) {
+            *confirmed = Confirmed {
+                server: Some(server),
+                lsn: 0,
+            };
+        }
+    }
+
     /// The stream confirmed `lsn` to the server.
     pub(crate) fn confirmed(&self, lsn: u64) {
-        self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
+        let mut confirmed = self.lock();
+        confirmed.lsn = confirmed.lsn.max(lsn);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Confirmed> {
+        // Two plain fields, never left half-written: a poisoned lock holds a
+        // consistent value.
+        self.confirmed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// True once the sweeper has taken rows: only then must the stream look
@@ -108,8 +142,16 @@ impl Boundary {
 /// position, every such transaction is published and marked. So the time of
 /// the newest confirmed sample is exact, whatever the lag, and needs neither
 /// commit timestamps nor the tailer's clock.
+///
+/// Samples and confirmations compare only on one server: after a change of
+/// primary the samples start again, and none counts until the stream
+/// streams from the sweeper's server (a promoted standby's new slot never
+/// confirms the old timeline's positions, which would hold sweeping up for
+/// ever, nor must the old timeline's confirmations vouch for the new one).
 #[derive(Debug, Default)]
 struct Samples {
+    /// The server the samples were read on.
+    server: Option<ServerId>,
     /// Not yet confirmed, oldest first: (µs since 2000-01-01, LSN).
     waiting: VecDeque<(i64, u64)>,
     /// The newest time up to which the stream has published everything.
@@ -121,7 +163,13 @@ impl Samples {
     /// few hours); past that the oldest go, which only delays sweeping.
     const MAX: usize = 4096;
 
-    fn push(&mut self, at: i64, lsn: u64) {
+    fn push(&mut self, server: ServerId, at: i64, lsn: u64) {
+        if self.server != Some(server) {
+            *self = Samples {
+                server: Some(server),
+                ..Samples::default()
+            };
+        }
         if self.waiting.len() == Self::MAX {
             self.waiting.pop_front();
         }
@@ -130,7 +178,11 @@ impl Samples {
 
     /// The newest time up to which the stream, having confirmed `confirmed`,
     /// has published every committed transaction.
-    fn confirmed_at(&mut self, confirmed: u64) -> Option<i64> {
+    fn confirmed_at(&mut self, confirmed: Confirmed) -> Option<i64> {
+        if confirmed.server.is_none() || confirmed.server != self.server {
+            return None;
+        }
+        let confirmed = confirmed.lsn;
         while let Some(&(at, lsn)) = self.waiting.front() {
             if lsn > confirmed {
                 break;
@@ -197,8 +249,10 @@ impl Sweeper {
         let mut swept = Swept::default();
         let sample = db.query_one(SAMPLE_SQL, &[]).await?;
         let at = sample.get::<_, i64>(0) - PG_EPOCH_UNIX_MICROS;
-        self.samples.push(at, u64::from(sample.get::<_, PgLsn>(1)));
-        let confirmed = self.boundary.confirmed_lsn.load(Ordering::Relaxed);
+        let server = timeline::parse(sample.get(2), sample.get(3));
+        self.samples
+            .push(server, at, u64::from(sample.get::<_, PgLsn>(1)));
+        let confirmed = *self.boundary.lock();
         let Some(confirmed_at) = self.samples.confirmed_at(confirmed) else {
             return Ok(swept);
         };
@@ -427,31 +481,94 @@ mod tests {
         assert_eq!(parse_utc_micros("2000-01-01 00:00:00+05:30"), None);
     }
 
+    const ONE: ServerId = ServerId {
+        system: 7,
+        timeline: 1,
+    };
+    const TWO: ServerId = ServerId {
+        system: 7,
+        timeline: 2,
+    };
+
+    /// The stream on `server` confirmed `lsn`.
+    fn on(server: ServerId, lsn: u64) -> Confirmed {
+        Confirmed {
+            server: Some(server),
+            lsn,
+        }
+    }
+
     #[test]
     fn the_horizon_is_the_newest_sample_the_stream_confirmed() {
         let mut samples = Samples::default();
-        assert_eq!(samples.confirmed_at(u64::MAX), None, "no sample yet");
-        samples.push(1_000, 100);
-        samples.push(2_000, 200);
-        samples.push(3_000, 300);
-        assert_eq!(samples.confirmed_at(0), None, "nothing confirmed yet");
-        assert_eq!(samples.confirmed_at(99), None);
-        assert_eq!(samples.confirmed_at(250), Some(2_000));
         assert_eq!(
-            samples.confirmed_at(250),
+            samples.confirmed_at(on(ONE, u64::MAX)),
+            None,
+            "no sample yet"
+        );
+        samples.push(ONE, 1_000, 100);
+        samples.push(ONE, 2_000, 200);
+        samples.push(ONE, 3_000, 300);
+        assert_eq!(
+            samples.confirmed_at(on(ONE, 0)),
+            None,
+            "nothing confirmed yet"
+        );
+        assert_eq!(samples.confirmed_at(on(ONE, 99)), None);
+        assert_eq!(samples.confirmed_at(on(ONE, 250)), Some(2_000));
+        assert_eq!(
+            samples.confirmed_at(on(ONE, 250)),
             Some(2_000),
             "kept until a newer sample is confirmed"
         );
         assert_eq!(samples.waiting.len(), 1);
-        assert_eq!(samples.confirmed_at(300), Some(3_000));
+        assert_eq!(samples.confirmed_at(on(ONE, 300)), Some(3_000));
         for i in 0..Samples::MAX as u64 + 10 {
-            samples.push(4_000 + i as i64, 400 + i);
+            samples.push(ONE, 4_000 + i as i64, 400 + i);
         }
         assert_eq!(samples.waiting.len(), Samples::MAX, "bounded");
         assert_eq!(
-            samples.confirmed_at(u64::MAX),
+            samples.confirmed_at(on(ONE, u64::MAX)),
             Some(4_000 + Samples::MAX as i64 + 9)
         );
+    }
+
+    #[test]
+    fn after_a_change_of_primary_only_the_new_timeline_counts() {
+        let mut samples = Samples::default();
+        samples.push(ONE, 1_000, 900);
+        assert_eq!(samples.confirmed_at(on(ONE, 1_000)), Some(1_000));
+        // The promoted standby's WAL goes on from where it had replayed,
+        // below what the old primary had written and the stream confirmed.
+        samples.push(TWO, 2_000, 500);
+        assert_eq!(
+            samples.confirmed_at(on(ONE, 1_000)),
+            None,
+            "the old timeline's position vouches for nothing on the new one"
+        );
+        samples.push(TWO, 3_000, 600);
+        assert_eq!(
+            samples.confirmed_at(on(TWO, 550)),
+            Some(2_000),
+            "the new slot's stream confirms the new samples"
+        );
+        let boundary = Boundary::default();
+        boundary.streaming_from(ONE);
+        boundary.confirmed(1_000);
+        boundary.streaming_from(ONE);
+        assert_eq!(
+            *boundary.lock(),
+            on(ONE, 1_000),
+            "a restart keeps the position"
+        );
+        boundary.streaming_from(TWO);
+        assert_eq!(
+            *boundary.lock(),
+            on(TWO, 0),
+            "a new primary starts from nothing"
+        );
+        boundary.confirmed(550);
+        assert_eq!(*boundary.lock(), on(TWO, 550));
     }
 
     #[test]

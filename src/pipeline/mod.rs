@@ -30,6 +30,8 @@ use crate::outbox::sweeper::Boundary;
 use crate::publish::chain::Chain;
 use crate::publish::turn::PublishTurn;
 use crate::replication::progress::Progress;
+use crate::replication::setup::Slot;
+use crate::replication::timeline::{self, Change, PrimaryWatch};
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
 use budget::{Budget, Held};
@@ -107,12 +109,14 @@ pub(crate) async fn run_session(
     nats: &Nats,
     metrics: &Arc<Metrics>,
     sweep: &Arc<Boundary>,
+    primary: &mut PrimaryWatch,
     shutdown: &mut Shutdown,
 ) -> Result<Drained, Error> {
     metrics.sessions.inc();
     // Connecting waits up to its timeout on a server that does not answer:
     // shutdown must not wait for it (nothing is in flight yet).
-    let Some(opened) = shutdown.unless(Opened::open(config)).await else {
+    let open = Opened::open(config, metrics, sweep, primary);
+    let Some(opened) = shutdown.unless(open).await else {
         return Ok(Drained {
             confirmed: Lsn::ZERO,
         });
@@ -143,16 +147,28 @@ struct Opened {
 }
 
 impl Opened {
-    async fn open(config: &Config) -> Result<Opened, Error> {
-        let db = setup::connect(config)
+    /// Connects to the primary (the first server of the URL that accepts a
+    /// session as `target_session_attrs` asks), makes sure its slot exists,
+    /// and opens the stream on that same server.
+    async fn open(
+        config: &Config,
+        metrics: &Metrics,
+        sweep: &Boundary,
+        primary: &mut PrimaryWatch,
+    ) -> Result<Opened, Error> {
+        let (db, endpoint) = setup::connect_endpoint(config)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         let db = Arc::new(db);
+        let server = timeline::query(&db).await?;
         let marker = Arc::new(Marker::prepare(&*db, config.event_logs).await?);
-        setup::ensure_slot(&db, &config.slot).await?;
-        let stream = source::open(config).await?;
+        let slot = setup::ensure_slot(&db, &config.slot, config.slot_failover).await?;
+        let stream = source::open(config, &endpoint, server).await?;
+        // Before the stream confirms anything on this server.
+        sweep.streaming_from(server);
+        report_server(config, metrics, primary.observe(server), slot);
         let horizon = current_wal_lsn(&db).await?;
-        tracing::info!(slot = %config.slot, replay_horizon = %horizon, "streaming");
+        tracing::info!(slot = %config.slot, server = %endpoint, timeline = server.timeline, replay_horizon = %horizon, "streaming");
         Ok(Opened {
             db,
             marker,
@@ -160,6 +176,30 @@ impl Opened {
             horizon,
         })
     }
+}
+
+/// Says when the session streams from another primary than the last one.
+fn report_server(config: &Config, metrics: &Metrics, change: Change, slot: Slot) {
+    let Change::Primary { from, to } = change else {
+        return;
+    };
+    metrics.primary_changes.inc();
+    let what = if from.system == to.system {
+        format!("timeline {} -> {}", from.timeline, to.timeline)
+    } else {
+        format!(
+            "another cluster: system {} timeline {} -> system {} timeline {}",
+            from.system, from.timeline, to.system, to.timeline
+        )
+    };
+    let slot_text = match slot {
+        Slot::Created => "created anew",
+        Slot::Existed => "already there (a PostgreSQL 17 failover slot, or made earlier)",
+    };
+    tracing::warn!(
+        "PostgreSQL primary changed ({what}): slot {} {slot_text}; rows still pending are published by the catch-up sweeper",
+        config.slot
+    );
 }
 
 /// The body of a session, once the stream is open.

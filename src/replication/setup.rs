@@ -4,6 +4,8 @@
 
 use crate::config::Config;
 use crate::event::OUTBOX_TABLE;
+use crate::replication::hosts::{self, Endpoint};
+use crate::replication::timeline;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -30,6 +32,8 @@ pub enum SetupError {
     },
     #[error("replication slot {0:?} was invalidated by the server (wal_status lost, e.g. max_slot_wal_keep_size): drop it with SELECT pg_drop_replication_slot('{0}'); the tailer recreates it and its sweeper publishes the rows still pending")]
     SlotLost(String),
+    #[error("--slot-failover needs PostgreSQL 17 or later (failover slots), but the server is PostgreSQL {version}: drop --slot-failover (OUTBOX_SLOT_FAILOVER), or upgrade PostgreSQL")]
+    SlotFailoverUnsupported { version: String },
     #[error("cannot create replication slot {name:?}: {reason}")]
     Slot { name: String, reason: String },
     #[error("cannot listen on --metrics-addr {addr}: {reason}")]
@@ -43,30 +47,55 @@ pub enum SetupError {
 
 /// Connects an ordinary (query) session, failing fast with one clear line.
 pub(crate) async fn connect(config: &Config) -> Result<Client, SetupError> {
-    let mut pg = config.database.clone();
+    connect_endpoint(config).await.map(|(client, _)| client)
+}
+
+/// As [`connect`], and says which server of the URL accepted: the first, in
+/// the URL's order, that suits `target_session_attrs` (a multi-host URL with
+/// `target_session_attrs=read-write` finds the primary). The replication
+/// stream is opened to that same server.
+pub(crate) async fn connect_endpoint(config: &Config) -> Result<(Client, Endpoint), SetupError> {
+    let endpoints = hosts::endpoints(&config.database);
+    let mut refusals = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let one = hosts::only(&config.database, &endpoint);
+        match connect_one(config, one).await {
+            Ok(client) => return Ok((client, endpoint)),
+            Err(reason) => refusals.push((endpoint, reason)),
+        }
+    }
+    let reason = match refusals.as_slice() {
+        [(_, reason)] => reason.clone(),
+        several => several
+            .iter()
+            .map(|(endpoint, reason)| format!("{endpoint}: {reason}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    Err(SetupError::Unreachable {
+        target: target(config),
+        reason,
+    })
+}
+
+/// One server: the client, or why it could not be had.
+async fn connect_one(config: &Config, mut pg: tokio_postgres::Config) -> Result<Client, String> {
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(10));
     }
     pg.application_name("outbox-tailer");
-    let unreachable = |reason: String| SetupError::Unreachable {
-        target: target(config),
-        reason,
-    };
-    let tls = config
-        .pg_tls
-        .connector()
-        .map_err(|e| unreachable(e.to_string()))?;
+    let tls = config.pg_tls.connector().map_err(|e| e.to_string())?;
     let (client, connection) = pg.connect(tls).await.map_err(|e| {
         let reason = match crate::tls::describe(&e) {
             Some(tls) => tls,
             None => error_text(&e),
         };
         let mode = config.pg_tls.mode.name();
-        unreachable(if reason.contains("server does not support TLS") {
+        if reason.contains("server does not support TLS") {
             format!("the server does not accept TLS, and sslmode={mode} requires it")
         } else {
             reason
-        })
+        }
     })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
@@ -79,16 +108,32 @@ pub(crate) async fn connect(config: &Config) -> Result<Client, SetupError> {
 /// Everything the tailer needs from the database before it streams, created
 /// when missing: the checks of `run` and `setup`.
 pub(crate) async fn prepare(db: &Client, config: &Config) -> Result<(), SetupError> {
-    check_server(db).await?;
+    check_server(db, config).await?;
     ensure_publication(db, &config.publication).await?;
-    ensure_slot(db, &config.slot).await
+    ensure_slot(db, &config.slot, config.slot_failover)
+        .await
+        .map(drop)
 }
 
-/// `wal_level = logical` and a role that may replicate.
-pub(crate) async fn check_server(db: &Client) -> Result<(), SetupError> {
+/// `wal_level = logical`, a role that may replicate, and failover slots
+/// when `--slot-failover` asks for them.
+pub(crate) async fn check_server(db: &Client, config: &Config) -> Result<(), SetupError> {
     let wal_level: String = db.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(SetupError::WalLevel(wal_level));
+    }
+    if config.slot_failover {
+        let row = db
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+                &[],
+            )
+            .await?;
+        if row.get::<_, i32>(0) < FAILOVER_SLOTS {
+            return Err(SetupError::SlotFailoverUnsupported {
+                version: row.get(1),
+            });
+        }
     }
     let row = db
         .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
@@ -171,11 +216,27 @@ async fn via_partition_root(db: &Client, name: &str) -> Result<(), SetupError> {
     }
 }
 
+/// The first `server_version_num` with failover slots (PostgreSQL 17).
+const FAILOVER_SLOTS: i32 = 170_000;
+
+/// Whether [`ensure_slot`] found the slot or made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Existed,
+    Created,
+}
+
 /// Creates the slot when missing (every session checks: a slot dropped
-/// while the tailer runs is recreated, and the sweeper publishes the rows it
-/// left behind). A slot the server invalidated is an error that says how to
-/// recover.
-pub(crate) async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupError> {
+/// while the tailer runs is recreated, and so is the slot a promoted
+/// standby lacks before PostgreSQL 17; the sweeper publishes the rows the
+/// stream will not deliver). With `failover` (PostgreSQL 17+, checked at
+/// start) the slot is created with `failover = true`. A slot the server
+/// invalidated is an error that says how to recover.
+pub(crate) async fn ensure_slot(
+    db: &Client,
+    name: &str,
+    failover: bool,
+) -> Result<Slot, SetupError> {
     let existing = db
         .query_opt(
             "SELECT coalesce(plugin, ''), coalesce(database, ''), current_database()::text, \
@@ -198,20 +259,33 @@ pub(crate) async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupErro
                 expected,
             });
         }
-        return Ok(());
-    }
-    match db
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&name],
-        )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(slot = name, "created replication slot");
-            Ok(())
+        if failover {
+            warn_unless_failover(db, name).await?;
         }
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        return Ok(Slot::Existed);
+    }
+    // (name, plugin, temporary, two_phase, failover): the five-argument
+    // form exists from PostgreSQL 17 on.
+    let create = if failover {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    match db.execute(create, &[&name]).await {
+        Ok(_) => {
+            tracing::info!(slot = name, failover, "created replication slot");
+            // A restarted tailer cannot know the previous primary, but a
+            // new slot on a later timeline is the sign of a promotion.
+            if let Ok(server) = timeline::query(db).await {
+                if server.timeline > 1 {
+                    tracing::info!("slot {name} created on timeline {} ({server}): if this server was promoted, rows still pending are published by the catch-up sweeper", server.timeline);
+                }
+            }
+            Ok(Slot::Created)
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+            Ok(Slot::Existed)
+        }
         Err(e) => Err(SetupError::Slot {
             name: name.to_owned(),
             reason: error_text(&e),
@@ -219,20 +293,33 @@ pub(crate) async fn ensure_slot(db: &Client, name: &str) -> Result<(), SetupErro
     }
 }
 
-/// `host:port/db` of the configured database, for messages (no password).
+/// A slot made before `--slot-failover` was given is not synchronised to
+/// standbys: said once per session (the tailer does not alter a slot it
+/// holds no session on).
+async fn warn_unless_failover(db: &Client, name: &str) -> Result<(), SetupError> {
+    let failover: Option<bool> = db
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?
+        .map(|row| row.get(0));
+    if failover == Some(false) {
+        tracing::warn!(slot = name, "--slot-failover is set but slot {name} was created without failover, so standbys do not synchronise it: run ALTER_REPLICATION_SLOT {name} (FAILOVER true) on a replication connection while no tailer streams, or drop the slot (the tailer recreates it; the sweeper publishes what is pending)");
+    }
+    Ok(())
+}
+
+/// `host:port/db` of the configured database (every server of a
+/// multi-host URL, comma-separated), for messages (no password).
 pub(crate) fn target(config: &Config) -> String {
-    let host = match config.database.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = config.database.get_ports().first().copied().unwrap_or(5432);
+    let servers = hosts::list(&hosts::endpoints(&config.database));
     let db = config
         .database
         .get_dbname()
         .or(config.database.get_user())
         .unwrap_or("");
-    format!("{host}:{port}/{db}")
+    format!("{servers}/{db}")
 }
 
 /// The most useful text of a tokio-postgres error: the server's message, or

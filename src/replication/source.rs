@@ -1,7 +1,10 @@
-//! Opening the replication stream on the slot with pgwire-replication.
+//! Opening the replication stream on the slot with pgwire-replication, on
+//! the server the query connection chose.
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::replication::hosts::Endpoint;
+use crate::replication::timeline::{self, ServerId};
 use crate::tls::postgres::{replication_bridge, PgTlsError, SslMode};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
 use std::time::Duration;
@@ -11,7 +14,8 @@ use tokio_postgres::config::Host;
 /// slot (and the lag an operator sees) follows the tailer closely.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
-/// The replication connection's settings, derived from `--database-url`.
+/// The replication connection's settings, derived from `--database-url`, to
+/// `server` (one of its hosts).
 ///
 /// The session pins `DateStyle=ISO` and `TimeZone=UTC`, so timestamps in the
 /// stream are `2026-11-26 18:28:37.123456+00` whatever the server's defaults
@@ -20,10 +24,11 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// when TLS is in use (see `tls::postgres`).
 pub(crate) fn replication_config(
     config: &Config,
+    server: &Endpoint,
     bridge: Option<std::net::SocketAddr>,
 ) -> ReplicationConfig {
     let pg = &config.database;
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let port = server.port;
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let password = pg
         .get_password()
@@ -33,8 +38,8 @@ pub(crate) fn replication_config(
         .get_dbname()
         .map(str::to_owned)
         .unwrap_or_else(|| user.clone());
-    let base = match pg.get_hosts().first() {
-        Some(Host::Unix(dir)) => ReplicationConfig::unix(
+    let base = match &server.host {
+        Host::Unix(dir) => ReplicationConfig::unix(
             dir.display().to_string(),
             port,
             user,
@@ -43,11 +48,11 @@ pub(crate) fn replication_config(
             config.slot.clone(),
             config.publication.clone(),
         ),
-        tcp => {
-            let (host, port) = match (bridge, tcp) {
+        Host::Tcp(_) => {
+            let (host, port) = match (bridge, server.dial()) {
                 (Some(local), _) => (local.ip().to_string(), local.port()),
-                (None, Some(Host::Tcp(host))) => (host.clone(), port),
-                (None, _) => ("localhost".to_owned(), port),
+                (None, Some(host)) => (host, port),
+                (None, None) => ("localhost".to_owned(), port),
             };
             ReplicationConfig::new(
                 host,
@@ -71,30 +76,49 @@ pub(crate) fn replication_config(
         .with_options("-c datestyle=ISO -c timezone=UTC")
 }
 
-/// Connects (over TLS as `sslmode` says) and starts streaming from the
-/// slot's confirmed position. Fails with SQLSTATE 55006 while another tailer
-/// holds the slot.
-pub(crate) async fn open(config: &Config) -> Result<ReplicationClient, Error> {
-    let pg = &config.database;
-    let bridge = match (pg.get_hosts().first(), config.pg_tls.mode) {
+/// Connects to `server` (over TLS as `sslmode` says), checks that it is
+/// `expected` (the server the query connection reached: the slot was checked
+/// there), and starts streaming from the slot's confirmed position. Fails
+/// with SQLSTATE 55006 while another tailer holds the slot.
+pub(crate) async fn open(
+    config: &Config,
+    server: &Endpoint,
+    expected: ServerId,
+) -> Result<ReplicationClient, Error> {
+    let bridge = match (server.dial(), server.tls_name(), config.pg_tls.mode) {
         // TLS does not apply to Unix sockets (libpq ignores sslmode there).
-        (Some(Host::Tcp(host)), mode) if mode != SslMode::Disable => {
-            let port = pg.get_ports().first().copied().unwrap_or(5432);
-            let local = replication_bridge(host, port, &config.pg_tls, CONNECT_TIMEOUT)
+        (Some(dial), Some(name), mode) if mode != SslMode::Disable => {
+            let port = server.port;
+            let local = replication_bridge(&dial, name, port, &config.pg_tls, CONNECT_TIMEOUT)
                 .await
                 .map_err(|error| match error {
                     PgTlsError::Io(io) => {
-                        Error::Unavailable(format!("replication connection to {host}:{port}: {io}"))
+                        Error::Unavailable(format!("replication connection to {server}: {io}"))
                     }
-                    refused => Error::PostgresTls(format!(
-                        "replication connection to {host}:{port}: {refused}"
-                    )),
+                    refused => {
+                        Error::PostgresTls(format!("replication connection to {server}: {refused}"))
+                    }
                 })?;
             Some(local)
         }
         _ => None,
     };
-    let mut client = ReplicationClient::connect(replication_config(config, bridge)).await?;
+    let mut client =
+        ReplicationClient::connect_gated(replication_config(config, server, bridge)).await?;
+    let identified = client.identify_system().await?;
+    let reached = ServerId {
+        system: timeline::parse_system(&identified.system_id),
+        timeline: identified.timeline,
+    };
+    if reached != expected {
+        // The primary changed between the two connections (a promotion in
+        // progress): the next session looks again.
+        client.abort();
+        return Err(Error::Unavailable(format!(
+            "the replication connection to {server} reached {reached}, the query connection {expected}: the primary is changing"
+        )));
+    }
+    client.start().await?;
     client.wait_started().await?;
     Ok(client)
 }

@@ -257,19 +257,22 @@ pub(crate) enum PgTlsError {
 /// PostgreSQL's SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// Connects to `host:port`, negotiates TLS as `tls` says, and returns a
+/// Connects to `host:port`, negotiates TLS as `tls` says (verifying the
+/// certificate against `name`, libpq's `host`, which differs from the
+/// address dialled when `hostaddr` is given), and returns a
 /// loopback address whose first connection is forwarded to that session
 /// (the listener closes after it). With `prefer` and a server that declines,
 /// the forwarded session is plaintext.
 pub(crate) async fn replication_bridge(
     host: &str,
+    name: &str,
     port: u16,
     tls: &PgTls,
     timeout: Duration,
 ) -> Result<SocketAddr, PgTlsError> {
     let config = tls.client_config()?;
-    let server_name = ServerName::try_from(host.to_owned())
-        .map_err(|_| PgTlsError::Handshake(format!("{host:?} is not a valid host name for TLS")))?;
+    let server_name = ServerName::try_from(name.to_owned())
+        .map_err(|_| PgTlsError::Handshake(format!("{name:?} is not a valid host name for TLS")))?;
     let negotiate = async {
         let mut tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;

@@ -21,6 +21,7 @@ mod nats_outage;
 mod observability;
 mod odd_input;
 mod partitioned;
+mod pg_failover;
 mod retention;
 mod schema;
 mod shutdown;

@@ -318,3 +318,129 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
     );
     drop(standby);
 }
+
+/// PostgreSQL primary changes in a row: each round makes a standby of the
+/// current primary (pg_basebackup under load), restarts the tailer on a
+/// multi-host URL of the two, kills the primary (immediate) at a random
+/// moment, sometimes with NATS down or the walsender killed as well, and
+/// promotes the standby, which is the next round's primary. Then every row
+/// the last primary holds is published and in the stream. Rows the killed
+/// primaries never sent are lost by PostgreSQL (asynchronous replication);
+/// they are counted, as are repeats and order breaks (the catch-up sweeper
+/// publishes the rows the new slot never streams after newer ones).
+/// `SOAK_PROMOTIONS=10 SOAK_SEED=3 cargo test --release --test it
+/// soak::a_seeded_soak_of_primary -- --nocapture` runs a longer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_has() {
+    use crate::pg_failover::{multi_host, stream_ids, table_ids};
+    use outbox_testkit::PgServer;
+
+    let promotions = env_number("SOAK_PROMOTIONS", 3);
+    let seed = env_number("SOAK_SEED", 7);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut env = Env::start_with(PgServer::builder().setting("wal_keep_size", "256MB")).await;
+    let args = ["run", "--sweep-min-age", "1"];
+    let started = Instant::now();
+    let mut primary: Option<PgServer> = None;
+    let mut tailer: Option<Tailer> = None;
+    let mut nats_stops = 0;
+    for round in 0..promotions {
+        let current = primary.as_ref().unwrap_or(&env.pg);
+        let standby = PgServer::standby_of(current).expect("a standby");
+        let url = multi_host("outbox_tailer", current, &standby);
+        if let Some(mut old) = tailer.take() {
+            old.stop_cleanly();
+        }
+        let running = Tailer::spawn(&url, &env.nats.url(), &args, env.dir.path());
+        let db = current.connect(DB).await.unwrap();
+        wait_streaming(&db, SLOT, &running).await;
+        let load = Load::start(
+            &multi_host("postgres", current, &standby),
+            LoadOptions::new("promo")
+                .producers(3)
+                .pause(Duration::from_millis(5)),
+        );
+        tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
+        let extra = rng.u32(0..3);
+        eprintln!("[promotion soak seed {seed}] round {round}: extra fault {extra}");
+        match extra {
+            // NATS down across the promotion.
+            0 => {
+                nats_stops += 1;
+                env.nats.stop(true);
+            }
+            // The walsender killed just before the primary dies.
+            1 => {
+                let _ = db
+                    .batch_execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active")
+                    .await;
+            }
+            _ => {}
+        }
+        // The first round's primary is the Env's own server.
+        primary
+            .as_mut()
+            .unwrap_or(&mut env.pg)
+            .stop(StopMode::Immediate);
+        standby.promote().expect("promote");
+        if extra == 0 {
+            tokio::time::sleep(Duration::from_millis(rng.u64(500..2000))).await;
+            env.nats.start_again().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(500..1500))).await;
+        load.stop().await;
+        let timeline = format!(
+            "PostgreSQL primary changed (timeline {} -> {})",
+            round + 1,
+            round + 2
+        );
+        let new = standby.connect(DB).await.unwrap();
+        wait_streaming(&new, SLOT, &running).await;
+        wait_for(
+            "the change of primary logged",
+            Duration::from_secs(30),
+            || async { running.output().contains(&timeline).then_some(()) },
+        )
+        .await;
+        tailer = Some(running);
+        primary = Some(standby);
+    }
+
+    let last = primary.expect("at least one promotion");
+    let db = last.connect(DB).await.unwrap();
+    let running = tailer.expect("a tailer");
+    wait_for("every row settled", Duration::from_secs(180), || async {
+        let (pending, _, failed) = status_counts(&db).await;
+        assert_eq!(failed, 0, "{}", running.output());
+        (pending == 0).then_some(())
+    })
+    .await;
+    let rows = table_ids(&db).await;
+    let stored = wait_for(
+        "every row of the last primary in the stream",
+        Duration::from_secs(60),
+        || async {
+            let stored = stream_ids(&env).await;
+            rows.iter()
+                .all(|id| stored.contains_key(id))
+                .then_some(stored)
+        },
+    )
+    .await;
+    let messages: u32 = stored.values().sum();
+    let repeats = messages as usize - stored.len();
+    let lost_by_postgres = stored.keys().filter(|id| !rows.contains(*id)).count();
+    let breaks = order_breaks(&read_stream(&env.js().await, STREAM).await).len();
+    eprintln!(
+        "[promotion soak seed {seed}] {promotions} promotions ({nats_stops} with NATS down) in {:.0?}: \
+         {} rows on the last primary, all published; stream messages {messages}, repeats {repeats}; \
+         published then lost by PostgreSQL {lost_by_postgres}; order breaks {breaks}",
+        started.elapsed(),
+        rows.len(),
+    );
+    assert!(
+        repeats <= rows.len() / 20,
+        "{repeats} repeats of {} events",
+        rows.len()
+    );
+}

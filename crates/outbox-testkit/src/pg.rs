@@ -140,6 +140,63 @@ impl PgServer {
         Ok(server)
     }
 
+    /// A physical standby of `primary`: `pg_basebackup -R` over loopback
+    /// into a temp dir of its own, started on a free port with the primary's
+    /// settings. It streams from the primary (hot standby, read-only) until
+    /// [`PgServer::promote`]. The primary's defaults allow it (`wal_level`,
+    /// `max_wal_senders`, and initdb's `host replication all 127.0.0.1/32
+    /// trust`). Before PostgreSQL 17 it has no copy of any logical slot.
+    pub fn standby_of(primary: &PgServer) -> Result<PgServer, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-tailer-pg-standby-")
+            .tempdir()
+            .map_err(HarnessError::io("creating a temp dir"))?;
+        if let Some((uid, gid)) = primary.run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(
+                HarnessError::io("handing the temp dir to the postgres user"),
+            )?;
+        }
+        let mut backup = Command::new(primary.bindir.join("pg_basebackup"));
+        backup
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast"])
+            .arg("--no-sync");
+        run_to_end(
+            as_user(&mut backup, primary.run_as, dir.path()),
+            "pg_basebackup",
+        )?;
+        let mut standby = PgServer {
+            child: None,
+            port: 0,
+            bindir: primary.bindir.clone(),
+            run_as: primary.run_as,
+            settings: primary.settings.clone(),
+            dir,
+        };
+        start_on_free_port(&mut standby, |server, port| {
+            server.port = port;
+            server.start_again()
+        })?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby (`pg_ctl promote`, which waits until the server
+    /// is out of recovery and accepts writes, at most 60 s).
+    pub fn promote(&self) -> Result<(), HarnessError> {
+        let mut promote = Command::new(self.bindir.join("pg_ctl"));
+        promote
+            .arg("promote")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", "60"]);
+        run_to_end(
+            as_user(&mut promote, self.run_as, self.dir.path()),
+            "pg_ctl promote",
+        )
+    }
+
     /// Starts the stopped server again, on the same port and data directory.
     pub fn start_again(&mut self) -> Result<(), HarnessError> {
         if self.child.is_some() {
