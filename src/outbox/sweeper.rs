@@ -270,7 +270,10 @@ impl Sweeper {
                     Err(error) => error,
                 };
                 let failure = classify(&error);
-                outage |= matches!(failure, Failure::Outage | Failure::Capacity);
+                outage |= matches!(
+                    failure,
+                    Failure::Outage | Failure::Leaderless | Failure::Capacity
+                );
                 // Rows that fail together wait alike (one jitter), so they
                 // are retried in the order they were taken.
                 let verdict = Verdict {
