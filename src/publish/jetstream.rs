@@ -148,8 +148,16 @@ pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
         ..Default::default()
     };
     let stream = js.get_or_create_stream(wanted).await.map_err(|e| {
+        let hint = if config.stream_replicas > 1 {
+            format!(
+                " (--stream-replicas {} needs a JetStream cluster of at least that many servers)",
+                config.stream_replicas
+            )
+        } else {
+            String::new()
+        };
         Error::Nats(format!(
-            "cannot get or create stream {}: {e}",
+            "cannot get or create stream {}: {e}{hint}",
             config.stream
         ))
     })?;

@@ -198,6 +198,29 @@ async fn an_r3_stream_gets_every_event_once_in_order() {
     );
     assert_eq!((cost.chain_refusals, cost.ack_timeouts), (0, 0), "{cost:?}");
     eprintln!("[cluster] {published} events through an R3 stream led by n{leader}: {cost:?}");
+
+    // The stream exists: `setup` with the default of 1 replica leaves it R3
+    // and says so once, naming both numbers.
+    let (code, output) = run_to_exit(&env.tailer_url, &env.nats.urls(), &["setup"]);
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(
+        output
+            .matches(
+                "existing stream has 3 replica(s), --stream-replicas asks for 1; left as it is"
+            )
+            .count(),
+        1,
+        "{output}"
+    );
+    let info = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3, "left as it was");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,4 +446,23 @@ async fn the_chain_and_dedupe_across_leader_changes() {
         results.join("\n  ")
     );
     assert_eq!(stream_count(&js, STREAM).await, 5, "events 0-4, each once");
+}
+
+/// A single server cannot hold an R3 stream: `setup` says so in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_a_single_server_cannot_hold_are_one_clear_line() {
+    let env = Env::start().await;
+    let (code, output) = run_to_exit(
+        &env.tailer_url,
+        &env.nats.url(),
+        &["setup", "--stream-replicas", "3"],
+    );
+    assert_ne!(code, 0, "{output}");
+    let line = last_line(&output);
+    assert!(
+        line.contains("replicas > 1 not supported")
+            && line.contains("--stream-replicas 3 needs a JetStream cluster"),
+        "{output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
 }
