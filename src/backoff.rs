@@ -18,6 +18,14 @@ impl Backoff {
         cap: Duration::from_secs(30),
     };
 
+    /// Polling a stream with no leader (see `Failure::Leaderless`): 250 ms,
+    /// doubling, at most 1 s, so publishing resumes within a second of the
+    /// election's end.
+    pub(crate) const ELECTION: Backoff = Backoff {
+        base: Duration::from_millis(250),
+        cap: Duration::from_secs(1),
+    };
+
     /// Reconnecting a session: 250 ms, doubling, at most 4 s. A restarting
     /// server is back within seconds, and a failed attempt costs one
     /// connection: a short cap follows it closely (every fault recovers

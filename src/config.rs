@@ -130,6 +130,15 @@ pub struct Options {
     /// JetStream stream, created if missing with subjects `<subject-prefix>.>`.
     #[arg(long, env = "OUTBOX_STREAM", global = true, default_value = "EVENTS")]
     pub stream: String,
+    /// Replicas of a stream the tailer creates (1-5; 3 on a cluster). An existing stream keeps its own.
+    #[arg(
+        long,
+        env = "OUTBOX_STREAM_REPLICAS",
+        global = true,
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub stream_replicas: u32,
     /// First subject token: events go to `<prefix>.<aggregate_type>.<event_type>`.
     #[arg(
         long,
@@ -204,6 +213,8 @@ pub enum ConfigError {
     BadIdentifier { flag: &'static str, value: String },
     #[error("--stream {0:?} is not a valid JetStream stream name: use letters, digits, - and _")]
     BadStream(String),
+    #[error("--stream-replicas {0} is not between 1 and 5 (JetStream's limit; 3 on a three-node cluster)")]
+    BadStreamReplicas(u32),
     #[error(
         "--subject-prefix {0:?} is not valid: use dot-separated tokens of letters, digits, - and _"
     )]
@@ -292,6 +303,8 @@ pub struct Config {
     pub slot_failover: bool,
     pub publication: String,
     pub stream: String,
+    /// Replicas of the stream when the tailer creates it (1..=5).
+    pub stream_replicas: usize,
     pub subject_prefix: String,
     pub metrics_addr: SocketAddr,
     pub max_retries: u32,
@@ -316,6 +329,7 @@ impl fmt::Debug for Config {
             .field("slot_failover", &self.slot_failover)
             .field("publication", &self.publication)
             .field("stream", &self.stream)
+            .field("stream_replicas", &self.stream_replicas)
             .field("subject_prefix", &self.subject_prefix)
             .field("metrics_addr", &self.metrics_addr)
             .field("max_retries", &self.max_retries)
@@ -372,6 +386,9 @@ impl Config {
         if !valid_token(&options.stream) {
             return Err(ConfigError::BadStream(options.stream.clone()));
         }
+        if !(1..=5).contains(&options.stream_replicas) {
+            return Err(ConfigError::BadStreamReplicas(options.stream_replicas));
+        }
         if !options.subject_prefix.split('.').all(valid_token) {
             return Err(ConfigError::BadSubjectPrefix(
                 options.subject_prefix.clone(),
@@ -409,6 +426,7 @@ impl Config {
             slot_failover: options.slot_failover,
             publication: options.publication.clone(),
             stream: options.stream.clone(),
+            stream_replicas: options.stream_replicas as usize,
             subject_prefix: options.subject_prefix.clone(),
             metrics_addr,
             max_retries: options.max_retries,
@@ -896,6 +914,7 @@ mod tests {
         assert_eq!(config.slot, "event_outbox_tailer");
         assert_eq!(config.publication, "event_outbox_pub");
         assert_eq!(config.stream, "EVENTS");
+        assert_eq!(config.stream_replicas, 1);
         assert_eq!(config.subject_prefix, "events");
         assert_eq!(config.metrics_addr, "0.0.0.0:9599".parse().unwrap());
         assert_eq!(config.max_retries, 10);
@@ -968,6 +987,25 @@ mod tests {
             let error = Config::from_options(&cli.options).unwrap_err().to_string();
             assert!(error.contains(flag), "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn stream_replicas_are_one_to_five() {
+        let config = config_with(&["--stream-replicas", "3"], &[]).unwrap();
+        assert_eq!(config.stream_replicas, 3);
+        for bad in ["0", "6"] {
+            let error = config_with(&["--stream-replicas", bad], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("--stream-replicas {bad} is not between 1 and 5")),
+                "{error}"
+            );
+        }
+        assert!(
+            options(&["--stream-replicas", "three"]).is_err(),
+            "clap refuses a non-number"
+        );
     }
 
     #[test]

@@ -387,7 +387,7 @@ impl Sweeper {
             attempts::postpone(tx, &behind, verdict.retry_in).await?;
             settled.stalled = matches!(
                 failure,
-                Failure::Outage | Failure::Capacity | Failure::Chain
+                Failure::Outage | Failure::Leaderless | Failure::Capacity | Failure::Chain
             );
             break;
         }

@@ -26,7 +26,7 @@ use crate::publish::chain::{AckFuture, Chain};
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::publish::policy::{classify, never_sent, verdict, Failure};
 use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,9 @@ use tokio_postgres::Client;
 const MAX_BATCH: usize = 2000;
 /// How long an acked id may wait for others to share its UPDATE.
 const LINGER: Duration = Duration::from_millis(20);
+/// How long no stream may answer (no responders) before this session gives
+/// up on it as deleted: well past a cluster's leader election (4-5 s).
+const STREAM_GONE_AFTER: Duration = Duration::from_secs(15);
 
 pub(super) struct Publisher {
     chain: Chain,
@@ -58,6 +61,8 @@ pub(super) struct Publisher {
     /// Whether the last publish failed: state changes are logged once, the
     /// attempts of each event only at debug level.
     failing: bool,
+    /// Since when no stream has answered: an election, unless it lasts.
+    leaderless_since: Option<Instant>,
 }
 
 impl Publisher {
@@ -81,6 +86,7 @@ impl Publisher {
             batch: Batch::default(),
             since: Instant::now(),
             failing: false,
+            leaderless_since: None,
         }
     }
 
@@ -174,6 +180,7 @@ impl Publisher {
             return Ok(());
         };
         self.metrics.in_flight.dec();
+        self.leaderless_since = None;
         if self.failing {
             self.failing = false;
             self.metrics.stream_limit_reached.set(0);
@@ -218,13 +225,17 @@ impl Publisher {
             self.resend(0).await;
             return Ok(());
         }
-        // A missing stream is recreated by a new session (each one ensures
-        // it); this session would only wait for it.
-        if error.kind() == PublishErrorKind::StreamNotFound && head.attempts >= 2 {
-            return Err(Error::Unavailable(format!(
-                "no stream answers for {} (deleted?): starting a new session",
-                head.row.id
-            )));
+        // No stream answers: on a cluster an election, over within seconds;
+        // a stream that stays silent longer was deleted, and a new session
+        // (each one ensures the stream) recreates it.
+        if failure == Failure::Leaderless {
+            let since = *self.leaderless_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= STREAM_GONE_AFTER {
+                return Err(Error::Unavailable(format!(
+                    "no stream has answered for {} for {STREAM_GONE_AFTER:?} (deleted?): starting a new session",
+                    head.row.id
+                )));
+            }
         }
         let verdict = verdict(failure, head.attempts, self.max_retries);
         let text = error.to_string();
@@ -264,6 +275,9 @@ impl Publisher {
             let hint = match failure {
                 Failure::Capacity => {
                     "the stream or account is at a limit; publishing stalls until it is lifted"
+                }
+                Failure::Leaderless => {
+                    "no stream answers (a cluster electing its leader?); retrying in order"
                 }
                 _ => "retrying in order (recorded on the row)",
             };

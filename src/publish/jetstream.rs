@@ -134,8 +134,9 @@ pub(crate) fn context(client: async_nats::Client) -> jetstream::Context {
 }
 
 /// Creates the stream if missing (subjects `<prefix>.>`, file storage, a
-/// two-minute duplicate window). An existing stream is left as it is, with a
-/// warning when it cannot serve the tailer well.
+/// two-minute duplicate window, `--stream-replicas` replicas). An existing
+/// stream is left as it is, with a warning when it cannot serve the tailer
+/// well or differs from what the tailer would have made.
 pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(), Error> {
     let subjects = format!("{}.>", config.subject_prefix);
     let wanted = stream::Config {
@@ -143,11 +144,20 @@ pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
         subjects: vec![subjects.clone()],
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: config.stream_replicas,
         ..Default::default()
     };
     let stream = js.get_or_create_stream(wanted).await.map_err(|e| {
+        let hint = if config.stream_replicas > 1 {
+            format!(
+                " (--stream-replicas {} needs a JetStream cluster of at least that many servers)",
+                config.stream_replicas
+            )
+        } else {
+            String::new()
+        };
         Error::Nats(format!(
-            "cannot get or create stream {}: {e}",
+            "cannot get or create stream {}: {e}{hint}",
             config.stream
         ))
     })?;
@@ -164,6 +174,14 @@ pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
     if info.config.duplicate_window < DUPLICATE_WINDOW {
         tracing::warn!(stream = %config.stream, window = ?info.config.duplicate_window,
             "existing stream's duplicate window is under 2 minutes; repeats after a crash may get through");
+    }
+    // Changing replicas moves the stream's data between servers: the
+    // operator's decision (`nats stream edit --replicas`), never a side effect
+    // of starting the tailer.
+    if info.config.num_replicas != config.stream_replicas {
+        tracing::warn!(stream = %config.stream, replicas = info.config.num_replicas, wanted = config.stream_replicas,
+            "existing stream has {} replica(s), --stream-replicas asks for {}; left as it is",
+            info.config.num_replicas, config.stream_replicas);
     }
     Ok(())
 }

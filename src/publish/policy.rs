@@ -8,6 +8,7 @@
 //! | `Permanent` (no retry can send it) | yes | at once | - |
 //! | `Rejected` (the server refused this event) | yes | at the limit | backoff |
 //! | `Outage` (NATS, JetStream or the stream unavailable) | no | never | backoff |
+//! | `Leaderless` (no stream answered: an election, or deleted) | no | never | short backoff |
 //! | `Capacity` (a stream or account limit is reached) | no | never | backoff, stalls publishing |
 //! | `Chain` (the chained predecessor is missing) | no | never | at once, the window again |
 //!
@@ -30,6 +31,11 @@ pub(crate) enum Failure {
     Permanent,
     Rejected,
     Outage,
+    /// No stream answered the publish (no responders). On a cluster that is
+    /// an election: a stream's subjects have no responder while its leader
+    /// is elected (4-5 s after a leader's kill -9 on nats-server 2.9.10), and
+    /// the publish goes through as soon as one is. Otherwise it was deleted.
+    Leaderless,
     Capacity,
     Chain,
 }
@@ -77,8 +83,8 @@ fn classify_kind(kind: PublishErrorKind, server: Option<(usize, ErrorCode)>) -> 
         PublishErrorKind::WrongLastMessageId => Failure::Chain,
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::StreamNotFound
         | PublishErrorKind::MaxAckPending => Failure::Outage,
+        PublishErrorKind::StreamNotFound => Failure::Leaderless,
         PublishErrorKind::WrongLastSequence => Failure::Rejected,
         PublishErrorKind::Other => match server {
             Some((_, code)) if is_capacity(code) => Failure::Capacity,
@@ -129,12 +135,15 @@ pub(crate) struct Verdict {
 pub(crate) fn verdict(failure: Failure, attempts: u32, max_retries: u32) -> Verdict {
     let retry_in = match (failure, attempts) {
         (Failure::Chain, _) | (_, 0) => Duration::ZERO,
+        // Polled closely: the election ends within seconds, and each poll
+        // costs one publish answered at once by "no responders".
+        (Failure::Leaderless, n) => Backoff::ELECTION.delay(n - 1),
         (_, n) => Backoff::PUBLISH.delay(n - 1),
     };
     let (counts, dead_at) = match failure {
         Failure::Permanent => (true, Some(0)),
         Failure::Rejected => (true, Some(max_retries)),
-        Failure::Outage | Failure::Capacity | Failure::Chain => (false, None),
+        Failure::Outage | Failure::Leaderless | Failure::Capacity | Failure::Chain => (false, None),
     };
     Verdict {
         counts,
@@ -154,7 +163,7 @@ mod tests {
         let cases: &[Case] = &[
             (K::TimedOut, None, Failure::Outage),
             (K::BrokenPipe, None, Failure::Outage),
-            (K::StreamNotFound, None, Failure::Outage),
+            (K::StreamNotFound, None, Failure::Leaderless),
             (K::MaxAckPending, None, Failure::Outage),
             (K::MaxPayloadExceeded, None, Failure::Permanent),
             (K::WrongLastMessageId, None, Failure::Chain),
@@ -236,6 +245,8 @@ mod tests {
             (Failure::Capacity, 0, false, None, true),
             (Failure::Capacity, 40, false, None, false),
             (Failure::Chain, 7, false, None, true),
+            (Failure::Leaderless, 0, false, None, true),
+            (Failure::Leaderless, 30, false, None, false),
         ];
         for (failure, attempts, counts, dead_at, at_once) in cases {
             let v = verdict(failure, attempts, max);
@@ -250,6 +261,13 @@ mod tests {
                 "{failure:?} after {attempts}: {v:?}"
             );
             assert!(v.retry_in <= Duration::from_secs(30), "capped: {v:?}");
+        }
+        for attempts in 1..40 {
+            let v = verdict(Failure::Leaderless, attempts, max);
+            assert!(
+                v.retry_in <= Duration::from_secs(1),
+                "an election is polled at least every second: {v:?}"
+            );
         }
     }
 }

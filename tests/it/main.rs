@@ -10,6 +10,7 @@
 
 mod common;
 
+mod cluster;
 mod container;
 mod dashboards;
 mod failover;

@@ -1,7 +1,7 @@
 //! Throwaway servers for tests, the demo and the benchmarks: a PostgreSQL with
-//! `wal_level=logical`, a `nats-server -js` and a Prometheus, each on a free
-//! loopback port in a temp dir of its own, stopped (and its files removed) when the handle drops,
-//! also when a test panics.
+//! `wal_level=logical`, a `nats-server -js` (or a cluster of three) and a
+//! Prometheus, each on a free loopback port in a temp dir of its own, stopped
+//! (and its files removed) when the handle drops, also when a test panics.
 //!
 //! Nothing here ever talks to the machine's own services on 5432/4222: every
 //! server is started from the installed binaries on a port the kernel hands out.
@@ -10,6 +10,7 @@
 
 mod certs;
 mod nats;
+mod nats_cluster;
 mod pg;
 mod process;
 pub mod procfs;
@@ -17,6 +18,7 @@ mod prometheus;
 
 pub use certs::Certs;
 pub use nats::NatsServer;
+pub use nats_cluster::NatsCluster;
 pub use pg::{PgBuilder, PgServer, StopMode};
 pub use prometheus::PrometheusServer;
 

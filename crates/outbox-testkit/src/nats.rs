@@ -32,6 +32,17 @@ impl NatsServer {
 
     /// Starts with extra `nats-server` arguments.
     pub fn start_with(args: &[&str]) -> Result<NatsServer, HarnessError> {
+        let mut server = NatsServer::unstarted(0, args.iter().map(|s| s.to_string()).collect())?;
+        start_on_free_port(&mut server, |server, port| {
+            server.port = port;
+            server.start_again()
+        })?;
+        Ok(server)
+    }
+
+    /// A server to be started (with [`NatsServer::start_again`]) on `port`
+    /// with `args`, its store in a temp dir of its own.
+    pub(crate) fn unstarted(port: u16, args: Vec<String>) -> Result<NatsServer, HarnessError> {
         let binary = find_binary(
             "nats-server",
             &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")],
@@ -44,18 +55,13 @@ impl NatsServer {
             .prefix("outbox-tailer-nats-")
             .tempdir()
             .map_err(HarnessError::io("creating a temp dir"))?;
-        let mut server = NatsServer {
+        Ok(NatsServer {
             child: None,
-            port: 0,
+            port,
             binary,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args,
             dir,
-        };
-        start_on_free_port(&mut server, |server, port| {
-            server.port = port;
-            server.start_again()
-        })?;
-        Ok(server)
+        })
     }
 
     /// Starts the stopped server again on the same port and JetStream store.
@@ -64,6 +70,8 @@ impl NatsServer {
             return Ok(());
         }
         let log = self.dir.path().join("nats.log");
+        // A restart appends to the log: only what this start writes counts.
+        let written = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let mut command = Command::new(&self.binary);
         command
             .args([
@@ -95,8 +103,10 @@ impl NatsServer {
             &log,
             || {
                 greets(port)
-                    && std::fs::read_to_string(&log)
-                        .is_ok_and(|text| text.contains("Server is ready"))
+                    && std::fs::read(&log).is_ok_and(|text| {
+                        text.get(written..)
+                            .is_some_and(|new| contains(new, b"Server is ready"))
+                    })
             },
         )?;
         self.child = Some(child);
@@ -151,4 +161,8 @@ fn greets(port: u16) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut greeting = [0u8; 4];
     stream.read_exact(&mut greeting).is_ok() && &greeting == b"INFO"
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -1,10 +1,8 @@
 //! A throwaway Prometheus (Debian's `prometheus`) that scrapes given targets
 //! every second and loads given rule files, on a free loopback port.
 
-use super::process::{die_with_parent, find_binary, ready_or_kill, wait_or_kill};
+use super::process::{die_with_parent, find_binary, http_get, ready_or_kill, wait_or_kill};
 use super::{start_on_free_port, HarnessError};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -107,21 +105,4 @@ impl Drop for PrometheusServer {
             wait_or_kill(&mut child, Duration::from_secs(5));
         }
     }
-}
-
-/// A bare HTTP/1.0 GET on loopback: (status, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300))
-            .ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
 }

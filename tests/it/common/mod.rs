@@ -41,16 +41,7 @@ impl Env {
     pub async fn start_with(pg: outbox_testkit::PgBuilder) -> Env {
         let pg = pg.start().expect("start postgres");
         let nats = NatsServer::start().expect("start nats-server");
-        let url = pg.create_database(DB).await.unwrap();
-        alembic(&url, &["upgrade", "head"]).unwrap();
-        let roles = std::fs::read_to_string(repo_root().join("sql/roles.sql")).unwrap();
-        pg.connect(DB)
-            .await
-            .unwrap()
-            .batch_execute(&roles)
-            .await
-            .unwrap();
-        let tailer_url = pg.url_as("outbox_tailer", DB);
+        let (url, tailer_url) = migrate(&pg).await;
         Env {
             pg,
             nats,
@@ -80,6 +71,21 @@ impl Env {
         wait_streaming(db, SLOT, &tailer).await;
         tailer
     }
+}
+
+/// Creates the database, migrates it and adds the tailer's role; returns the
+/// superuser's URL and the tailer's.
+pub async fn migrate(pg: &PgServer) -> (String, String) {
+    let url = pg.create_database(DB).await.unwrap();
+    alembic(&url, &["upgrade", "head"]).unwrap();
+    let roles = std::fs::read_to_string(repo_root().join("sql/roles.sql")).unwrap();
+    pg.connect(DB)
+        .await
+        .unwrap()
+        .batch_execute(&roles)
+        .await
+        .unwrap();
+    (url, pg.url_as("outbox_tailer", DB))
 }
 
 /// The real `outbox-tailer` binary, killed (-9) on drop.
