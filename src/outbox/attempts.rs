@@ -7,11 +7,12 @@ use crate::publish::policy::Verdict;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-/// `$4`: 1 when the failure counts, else 0; `$5`: the `retry_count` at which
-/// the event is failed (NULL: never). Every SET expression reads the row as
-/// it was. Rows not `pending` (or not visible yet) are left alone.
+/// `$2`: seconds until the next attempt (NULL: `next_retry_at` stays); `$4`:
+/// 1 when the failure counts, else 0; `$5`: the `retry_count` at which the
+/// event is failed (NULL: never). Every SET expression reads the row as it
+/// was. Rows not `pending` (or not visible yet) are left alone.
 const RECORD_SQL: &str = "UPDATE event_outbox SET retry_count = retry_count + $4, \
-       next_retry_at = now() + make_interval(secs => $2), last_error = $3, \
+       next_retry_at = coalesce(now() + make_interval(secs => $2), next_retry_at), last_error = $3, \
        status = CASE WHEN retry_count + $4 >= $5 THEN 'failed' ELSE status END \
      WHERE id = $1 AND status = 'pending' RETURNING status = 'failed'";
 
@@ -24,6 +25,28 @@ pub(crate) async fn record(
     error: &str,
     verdict: Verdict,
 ) -> Result<Option<bool>, tokio_postgres::Error> {
+    write(db, id, error, verdict, Some(verdict.retry_in)).await
+}
+
+/// As [`record`], but the row keeps its `next_retry_at`, so it keeps its
+/// place in the sweeper's order (`next_retry_at`, `created_at`): the sweeper
+/// tries it again first, at its next sweep, and nothing behind it overtakes it.
+pub(crate) async fn record_in_place(
+    db: &impl GenericClient,
+    id: Uuid,
+    error: &str,
+    verdict: Verdict,
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    write(db, id, error, verdict, None).await
+}
+
+async fn write(
+    db: &impl GenericClient,
+    id: Uuid,
+    error: &str,
+    verdict: Verdict,
+    retry_in: Option<std::time::Duration>,
+) -> Result<Option<bool>, tokio_postgres::Error> {
     let counts = i32::from(verdict.counts);
     let dead_at = verdict
         .dead_at
@@ -33,7 +56,7 @@ pub(crate) async fn record(
             RECORD_SQL,
             &[
                 &id,
-                &verdict.retry_in.as_secs_f64(),
+                &retry_in.map(|delay| delay.as_secs_f64()),
                 &error,
                 &counts,
                 &dead_at,
@@ -41,24 +64,4 @@ pub(crate) async fn record(
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
-}
-
-/// Rows that waited behind a failed one: they are tried again with it, at
-/// the same time (`$2` seconds from now, the same `now()` as its record in
-/// the same transaction), neither counted nor given its error.
-const POSTPONE_SQL: &str =
-    "UPDATE event_outbox SET next_retry_at = now() + make_interval(secs => $2) \
-     WHERE id = ANY($1) AND status = 'pending'";
-
-/// Postpones `ids` by `delay` (see [`POSTPONE_SQL`]).
-pub(crate) async fn postpone(
-    db: &impl GenericClient,
-    ids: &[Uuid],
-    delay: std::time::Duration,
-) -> Result<(), tokio_postgres::Error> {
-    if !ids.is_empty() {
-        db.execute(POSTPONE_SQL, &[&ids, &delay.as_secs_f64()])
-            .await?;
-    }
-    Ok(())
 }

@@ -16,7 +16,6 @@
 //! chained publishes of the stream. When nothing is due the sweep is one
 //! index probe that finds nothing (and the stream is not interrupted).
 
-use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::event::OutboxRow;
 use crate::outbox::attempts;
@@ -24,7 +23,7 @@ use crate::outbox::marker::Marker;
 use crate::pgtime::PG_EPOCH_UNIX_MICROS;
 use crate::pipeline::window::Window;
 use crate::publish::chain::Chain;
-use crate::publish::policy::{classify, never_sent, verdict, Failure, Verdict};
+use crate::publish::policy::{classify, never_sent, verdict, Failure};
 use crate::publish::turn::PublishTurn;
 use crate::replication::timeline::{self, ServerId};
 use async_nats::jetstream;
@@ -317,19 +316,19 @@ impl Sweeper {
             tx.commit().await?;
             swept.published += settled.acked.len() as u64;
             if settled.stalled {
-                // NATS is down or the stream full: the rest waits out its
-                // backoff; the next sweep tries again rather than timing out
-                // batch after batch.
+                // The next sweep tries again rather than timing out batch
+                // after batch while NATS is down or the stream is full.
                 return Ok(swept);
             }
         }
     }
 
     /// Publishes one batch in order, chained, with the stream's go-back-N
-    /// and retry policy (`publish::policy`), recording failures in `tx`.
-    /// At the first failure that leaves its event pending, the events behind
-    /// it wait with it: they are postponed to the same time, so the next
-    /// sweep takes them again in the same order.
+    /// and failure policy (`publish::policy`), recording failures in `tx`.
+    /// At the first failure that leaves its event pending, the sweep stops:
+    /// the event keeps its place (its `next_retry_at` is not moved), so the
+    /// next sweep, an interval later, tries it first and nothing behind it
+    /// overtakes it. Moving it back would put it behind every later row.
     async fn publish(
         &self,
         tx: &Transaction<'_>,
@@ -366,13 +365,10 @@ impl Sweeper {
                 continue;
             }
             let count = retries.get(&id).copied().unwrap_or(0);
-            // One jitter for the batch: rows that wait together are taken
-            // again in the order they were taken.
-            let verdict = Verdict {
-                retry_in: Backoff::PUBLISH.delay_with(count, fastrand::f64()),
-                ..verdict(failure, count, self.max_retries)
-            };
-            let dead = attempts::record(tx, id, &error.to_string(), verdict).await?;
+            let verdict = verdict(failure, count, self.max_retries);
+            // It keeps its place: the next sweep tries it first, and the
+            // rows behind it (refused by the chain) wait for it.
+            let dead = attempts::record_in_place(tx, id, &error.to_string(), verdict).await?;
             window.settle_front();
             if dead == Some(true) {
                 swept.dead += 1;
@@ -383,12 +379,7 @@ impl Sweeper {
                 continue;
             }
             swept.retried += 1;
-            let behind: Vec<Uuid> = window.events_mut().map(|sent| sent.row.id).collect();
-            attempts::postpone(tx, &behind, verdict.retry_in).await?;
-            settled.stalled = matches!(
-                failure,
-                Failure::Outage | Failure::Leaderless | Failure::Capacity | Failure::Chain
-            );
+            settled.stalled = true;
             break;
         }
         Ok(settled)
@@ -400,7 +391,7 @@ impl Sweeper {
 struct Settled {
     /// Acked, in order: to be marked.
     acked: Vec<Uuid>,
-    /// NATS or the stream cannot take events now: sweep again later.
+    /// An event failed and stays pending: the rest waits for the next sweep.
     stalled: bool,
 }
 

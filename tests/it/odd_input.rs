@@ -146,30 +146,11 @@ async fn an_event_the_stream_cannot_decode_fails_alone_after_an_alter_table() {
     let db = env.db().await;
     let tailer = env.streaming(&db, &["run"]).await;
     insert_events(&db, "before", 0, 20).await;
-    db.batch_execute(
-        "ALTER TABLE event_outbox ALTER COLUMN aggregate_type DROP NOT NULL; \
-         INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES (NULL, 'no-type', 'message.created', '{}')",
-    )
-    .await
-    .unwrap();
+    insert_undecodable(&db).await.unwrap();
     insert_events(&db, "after", 0, 20).await;
     let js = env.js().await;
-    wait_for(
-        "the events around it published",
-        Duration::from_secs(30),
-        || async { (status_counts(&db).await == (0, 40, 1)).then_some(()) },
-    )
-    .await;
-    assert_eq!(stream_count(&js, STREAM).await, 40);
-    let error: String = db
-        .query_one(
-            "SELECT last_error FROM event_outbox WHERE aggregate_id = 'no-type'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    wait_settled(&db, &js, (0, 40, 1)).await;
+    let error = last_error(&db, "no-type").await;
     assert!(error.contains("aggregate_type is NULL"), "{error}");
     assert!(tailer.output().contains("event failed (dead letter)"));
 }

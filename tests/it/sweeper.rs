@@ -75,13 +75,7 @@ async fn a_swept_event_no_retry_can_send_is_a_dead_letter_and_holds_nothing_back
     insert_events(&db, "before-b", 0, 10).await;
     let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
     let js = env.js().await;
-    wait_for(
-        "the sweep to settle every row",
-        Duration::from_secs(30),
-        || async { (status_counts(&db).await == (0, 20, 1)).then_some(()) },
-    )
-    .await;
-    assert_eq!(stream_count(&js, STREAM).await, 20);
+    wait_settled(&db, &js, (0, 20, 1)).await;
     let row = db
         .query_one(
             "SELECT status, retry_count, last_error FROM event_outbox WHERE aggregate_id = 'big'",
@@ -317,30 +311,11 @@ async fn a_swept_row_that_cannot_be_a_message_is_a_dead_letter() {
     let env = Env::start().await;
     let db = env.db().await;
     insert_events(&db, "before", 0, 10).await;
-    db.batch_execute(
-        "ALTER TABLE event_outbox ALTER COLUMN aggregate_type DROP NOT NULL; \
-         INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES (NULL, 'no-type', 'message.created', '{}')",
-    )
-    .await
-    .unwrap();
+    insert_undecodable(&db).await.unwrap();
     insert_events(&db, "after", 0, 10).await;
     let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
     let js = env.js().await;
-    wait_for(
-        "the sweep to settle every row",
-        Duration::from_secs(30),
-        || async { (status_counts(&db).await == (0, 20, 1)).then_some(()) },
-    )
-    .await;
-    assert_eq!(stream_count(&js, STREAM).await, 20);
-    let error: String = db
-        .query_one(
-            "SELECT last_error FROM event_outbox WHERE aggregate_id = 'no-type'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    wait_settled(&db, &js, (0, 20, 1)).await;
+    let error = last_error(&db, "no-type").await;
     assert!(error.contains("cannot publish"), "{error}");
 }

@@ -358,6 +358,39 @@ pub async fn try_insert_events(
     .map(drop)
 }
 
+/// Drops `aggregate_type`'s NOT NULL (a schema change the contract does not
+/// allow) and inserts one event of aggregate `no-type` without one: an event
+/// that cannot become a message.
+pub async fn insert_undecodable(db: &Client) -> Result<(), tokio_postgres::Error> {
+    db.batch_execute(
+        "ALTER TABLE event_outbox ALTER COLUMN aggregate_type DROP NOT NULL; \
+         INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES (NULL, 'no-type', 'message.created', '{}')",
+    )
+    .await
+}
+
+/// Waits until the outbox's (pending, published, failed) counts are
+/// `counts`, then asserts the stream holds `published` messages.
+pub async fn wait_settled(db: &Client, js: &jetstream::Context, counts: (i64, i64, i64)) {
+    wait_for("every row settled", Duration::from_secs(30), || async {
+        (status_counts(db).await == counts).then_some(())
+    })
+    .await;
+    assert_eq!(stream_count(js, STREAM).await, counts.1 as u64);
+}
+
+/// The `last_error` of the (first) row of aggregate `aggregate`.
+pub async fn last_error(db: &Client, aggregate: &str) -> String {
+    db.query_one(
+        "SELECT coalesce(last_error, '') FROM event_outbox WHERE aggregate_id = $1 LIMIT 1",
+        &[&aggregate],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Inserts one event of aggregate `aggregate` with a 2 MB payload: over
 /// nats-server's default `max_payload` of 1 MB.
 pub async fn insert_oversized(db: &Client, aggregate: &str) {
