@@ -70,6 +70,52 @@ pub async fn stream_ids(env: &Env) -> HashMap<String, u32> {
     seen
 }
 
+/// What reached the stream of the rows a primary holds.
+pub struct Tally {
+    /// The rows of the primary, by id.
+    pub rows: HashSet<String>,
+    /// Distinct event ids stored.
+    pub distinct: usize,
+    /// Messages stored, repeats included.
+    pub messages: u32,
+    /// Stored beyond one per id.
+    pub repeats: usize,
+    /// Published, then lost with the old primary (never replicated).
+    pub lost_by_postgres: usize,
+}
+
+/// Waits (at most `settle`) until no row of `db` is pending and none failed,
+/// then until every row is in the stream, and counts what is there.
+pub async fn settle_and_tally(env: &Env, db: &Client, tailer: &Tailer, settle: Duration) -> Tally {
+    wait_for("every row settled", settle, || async {
+        let (pending, _, failed) = status_counts(db).await;
+        assert_eq!(failed, 0, "nothing dead-lettered:\n{}", tailer.output());
+        (pending == 0).then_some(())
+    })
+    .await;
+    let rows = table_ids(db).await;
+    // The last marks land before the last messages are counted.
+    let stored = wait_for(
+        "every row in the stream",
+        Duration::from_secs(60),
+        || async {
+            let stored = stream_ids(env).await;
+            rows.iter()
+                .all(|id| stored.contains_key(id))
+                .then_some(stored)
+        },
+    )
+    .await;
+    let messages: u32 = stored.values().sum();
+    Tally {
+        distinct: stored.len(),
+        messages,
+        repeats: messages as usize - stored.len(),
+        lost_by_postgres: stored.keys().filter(|id| !rows.contains(*id)).count(),
+        rows,
+    }
+}
+
 /// How the tailer reaches the new primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reach {
@@ -153,32 +199,13 @@ async fn primary_change_under_load(reach: Reach) {
     let committed_seen = load.stop().await;
     wait_streaming(&new, SLOT, &tailer).await;
 
-    wait_for(
-        "every row of the new primary published",
-        Duration::from_secs(120),
-        || async {
-            let (pending, _, failed) = status_counts(&new).await;
-            assert_eq!(failed, 0, "nothing dead-lettered:\n{}", tailer.output());
-            (pending == 0).then_some(())
-        },
-    )
-    .await;
-    let rows = table_ids(&new).await;
-    // The last marks land before the last messages are counted.
-    let stored = wait_for(
-        "every row of the new primary in the stream",
-        Duration::from_secs(30),
-        || async {
-            let stored = stream_ids(&env).await;
-            rows.iter()
-                .all(|id| stored.contains_key(id))
-                .then_some(stored)
-        },
-    )
-    .await;
-    let messages: u32 = stored.values().sum();
-    let repeats = messages as usize - stored.len();
-    let lost_by_postgres = stored.keys().filter(|id| !rows.contains(*id)).count();
+    let Tally {
+        rows,
+        distinct,
+        messages,
+        repeats,
+        lost_by_postgres,
+    } = settle_and_tally(&env, &new, &tailer, Duration::from_secs(120)).await;
     let scraped = scrape(metrics_port).await;
     let output = tailer.output();
     eprintln!(
@@ -187,7 +214,7 @@ async fn primary_change_under_load(reach: Reach) {
          distinct ids {}, repeats {repeats}; published then lost by PostgreSQL (not replicated) {lost_by_postgres}; \
          sweeper published {} (this process), JetStream-dropped duplicates {}",
         rows.len(),
-        stored.len(),
+        distinct,
         metric_sum(&scraped, "outbox_sweeper_published_total"),
         metric_sum(&scraped, "outbox_duplicates_total"),
     );

@@ -328,7 +328,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
 /// soak::a_seeded_soak_of_primary -- --nocapture` runs a longer one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_has() {
-    use crate::pg_failover::{multi_host, stream_ids, table_ids};
+    use crate::pg_failover::{multi_host, settle_and_tally, Tally};
     use outbox_testkit::PgServer;
 
     let promotions = env_number("SOAK_PROMOTIONS", 3);
@@ -405,27 +405,13 @@ async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_ha
     let last = primary.expect("at least one promotion");
     let db = last.connect(DB).await.unwrap();
     let running = tailer.expect("a tailer");
-    wait_for("every row settled", Duration::from_secs(180), || async {
-        let (pending, _, failed) = status_counts(&db).await;
-        assert_eq!(failed, 0, "{}", running.output());
-        (pending == 0).then_some(())
-    })
-    .await;
-    let rows = table_ids(&db).await;
-    let stored = wait_for(
-        "every row of the last primary in the stream",
-        Duration::from_secs(60),
-        || async {
-            let stored = stream_ids(&env).await;
-            rows.iter()
-                .all(|id| stored.contains_key(id))
-                .then_some(stored)
-        },
-    )
-    .await;
-    let messages: u32 = stored.values().sum();
-    let repeats = messages as usize - stored.len();
-    let lost_by_postgres = stored.keys().filter(|id| !rows.contains(*id)).count();
+    let Tally {
+        rows,
+        messages,
+        repeats,
+        lost_by_postgres,
+        ..
+    } = settle_and_tally(&env, &db, &running, Duration::from_secs(180)).await;
     let breaks = order_breaks(&read_stream(&env.js().await, STREAM).await).len();
     eprintln!(
         "[promotion soak seed {seed}] {promotions} promotions ({nats_stops} with NATS down) in {:.0?}: \
