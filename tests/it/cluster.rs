@@ -13,19 +13,20 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// How long the cluster may take to elect a leader or catch a node up.
-const ELECTION: Duration = Duration::from_secs(30);
+pub const ELECTION: Duration = Duration::from_secs(30);
 
-/// A migrated database and a three-node NATS cluster.
-struct ClusterEnv {
-    pg: PgServer,
-    nats: NatsCluster,
-    url: String,
-    tailer_url: String,
-    dir: tempfile::TempDir,
+/// A migrated database and a three-node NATS cluster (the soak on a
+/// cluster, in `soak.rs`, uses it too).
+pub struct ClusterEnv {
+    pub pg: PgServer,
+    pub nats: NatsCluster,
+    pub url: String,
+    pub tailer_url: String,
+    pub dir: tempfile::TempDir,
 }
 
 impl ClusterEnv {
-    async fn start() -> ClusterEnv {
+    pub async fn start() -> ClusterEnv {
         let pg = PgServer::builder().start().expect("start postgres");
         let nats = NatsCluster::start().expect("start a nats cluster");
         let (url, tailer_url) = migrate(&pg).await;
@@ -54,8 +55,13 @@ impl ClusterEnv {
         tailer
     }
 
+    /// The tailer on every seed URL with `args`, not waiting for anything.
+    pub fn tailer(&self, args: &[&str]) -> Tailer {
+        Tailer::spawn(&self.tailer_url, &self.nats.urls(), args, self.dir.path())
+    }
+
     /// A JetStream client on every seed, as the tests' own reader.
-    async fn js(&self) -> jetstream::Context {
+    pub async fn js(&self) -> jetstream::Context {
         let seeds: Vec<ServerAddr> = self
             .nats
             .urls()
@@ -72,7 +78,7 @@ impl ClusterEnv {
 
     /// Blocking cluster calls off the runtime's workers, so the producers
     /// keep writing while a test waits for an election.
-    fn cluster<T>(&mut self, f: impl FnOnce(&mut NatsCluster) -> T) -> T {
+    pub fn cluster<T>(&mut self, f: impl FnOnce(&mut NatsCluster) -> T) -> T {
         tokio::task::block_in_place(|| f(&mut self.nats))
     }
 }

@@ -8,11 +8,14 @@
 //! position passes the server's WAL position at the fault's end (recovery),
 //! and prints the distribution per fault kind. CI runs a short version (every
 //! fault kind once); `SOAK_ROUNDS=100 SOAK_SEED=7 cargo test --release --test
-//! it soak -- --nocapture` runs the long one.
+//! it soak -- --nocapture` runs the long one. A second soak kills PostgreSQL
+//! primaries in a row; a third runs on a three-node JetStream cluster (the
+//! stream's leader killed, a rolling stop, a follower killed) with the
+//! tailer's own faults, and reuses the recovery measure.
 
 use crate::common::*;
 use async_nats::jetstream::stream::DiscardPolicy;
-use outbox_testkit::StopMode;
+use outbox_testkit::{PgServer, StopMode};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -34,11 +37,11 @@ const FAULTS: [&str; 12] = [
 
 /// Waits (at most `limit`) until the slot is active and confirmed past the
 /// server's WAL position now; returns how long that took.
-async fn recovery(env: &Env, limit: Duration) -> Duration {
+async fn recovery(pg: &PgServer, limit: Duration) -> Duration {
     let started = Instant::now();
     let mut target: Option<String> = None;
     while started.elapsed() < limit {
-        if let Ok(db) = env.pg.connect(DB).await {
+        if let Ok(db) = pg.connect(DB).await {
             if target.is_none() {
                 target = db
                     .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -75,6 +78,45 @@ async fn set_system(db: &tokio_postgres::Client, name: &str, value: Option<&str>
     };
     let _ = db.batch_execute(&sql).await;
     let _ = db.batch_execute("SELECT pg_reload_conf()").await;
+}
+
+/// Prints each fault kind's recovery times (median, p90, max) and returns
+/// the slowest of all.
+fn print_recoveries(
+    tag: &str,
+    names: &[&str],
+    recoveries: &mut BTreeMap<usize, Vec<Duration>>,
+) -> Duration {
+    eprintln!("[{tag}] recovery (fault's end to the slot confirmed past the WAL position then), per kind:");
+    for (fault, times) in recoveries.iter_mut() {
+        times.sort();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        eprintln!(
+            "[{tag}]   {:<22} n={:<3} median {:>6.1?}  p90 {:>6.1?}  max {:>6.1?}",
+            names[*fault],
+            times.len(),
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+    }
+    recoveries
+        .values()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Terminates the walsender of the active slot.
+async fn kill_walsender(pg: &PgServer) {
+    if let Ok(client) = pg.connect(DB).await {
+        let _ = client
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active",
+            )
+            .await;
+    }
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -145,13 +187,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
             }
             3 => env.pg.restart(StopMode::Fast).unwrap(),
             4 => env.pg.restart(StopMode::Immediate).unwrap(),
-            5 => {
-                if let Ok(client) = env.pg.connect(DB).await {
-                    let _ = client
-                        .batch_execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active")
-                        .await;
-                }
-            }
+            5 => kill_walsender(&env.pg).await,
             // A burst: one transaction of 2,000 events on its own aggregate.
             6 => {
                 if let Ok(client) = env.pg.connect(DB).await {
@@ -234,7 +270,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
                 }
             }
         }
-        let took = recovery(&env, Duration::from_secs(60)).await;
+        let took = recovery(&env.pg, Duration::from_secs(60)).await;
         eprintln!(
             "[soak seed {seed}] round {round}: {} recovered in {took:.1?}",
             FAULTS[fault]
@@ -289,25 +325,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
         seen.len(),
         out_of_order.len()
     );
-    eprintln!("[soak seed {seed}] recovery (fault's end to the slot confirmed past the WAL position then), per kind:");
-    for (fault, times) in &mut recoveries {
-        times.sort();
-        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-        eprintln!(
-            "[soak seed {seed}]   {:<22} n={:<3} median {:>6.1?}  p90 {:>6.1?}  max {:>6.1?}",
-            FAULTS[*fault],
-            times.len(),
-            at(0.5),
-            at(0.9),
-            at(1.0)
-        );
-    }
-    let slowest = recoveries
-        .values()
-        .flatten()
-        .max()
-        .copied()
-        .unwrap_or_default();
+    let slowest = print_recoveries(&format!("soak seed {seed}"), &FAULTS, &mut recoveries);
     assert!(
         slowest < Duration::from_secs(30),
         "[soak seed {seed}] a fault took {slowest:?} to recover from"
@@ -424,5 +442,266 @@ async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_ha
         repeats <= rows.len() / 20,
         "{repeats} repeats of {} events",
         rows.len()
+    );
+}
+
+/// The fault kinds of the soak on a cluster, by the number it draws.
+const CLUSTER_FAULTS: [&str; 6] = [
+    "kill -9 stream leader",
+    "rolling stop of a node",
+    "kill -9 non-leader",
+    "kill -9 active tailer",
+    "walsender killed",
+    "PG fast restart",
+];
+
+/// A tailer of the cluster soak and the port its metrics answer on.
+struct Metered {
+    tailer: Tailer,
+    metrics: u16,
+}
+
+/// What re-sending cost, summed over every tailer the soak ran.
+#[derive(Debug, Default)]
+struct Resends {
+    /// `outbox_publish_resent_total`: events sent again after a failure.
+    resent: f64,
+    /// `outbox_duplicates_total`: re-sends JetStream dropped by `Nats-Msg-Id`.
+    duplicates: f64,
+    /// `outbox_publish_retries_total`.
+    retries: f64,
+}
+
+impl Resends {
+    /// Adds what `tailer` counted (a scrape that fails adds nothing).
+    async fn add(&mut self, tailer: &Metered) {
+        let (_, scrape) = http_get(&format!("http://127.0.0.1:{}/metrics", tailer.metrics)).await;
+        self.resent += metric_sum(&scrape, "outbox_publish_resent_total");
+        self.duplicates += metric_sum(&scrape, "outbox_duplicates_total");
+        self.retries += metric_sum(&scrape, "outbox_publish_retries_total");
+    }
+}
+
+/// Keeps the tailers' logs of a failed soak: the temp dir goes with the
+/// test, so on a panic they are copied to `$TMPDIR/outbox-cluster-soak-<seed>`.
+struct KeepLogsOnPanic {
+    from: std::path::PathBuf,
+    seed: u64,
+}
+
+impl Drop for KeepLogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let to = std::env::temp_dir().join(format!("outbox-cluster-soak-{}", self.seed));
+        let _ = std::fs::create_dir_all(&to);
+        for entry in std::fs::read_dir(&self.from)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+        }
+        eprintln!(
+            "[cluster soak seed {}] tailer logs kept in {}",
+            self.seed,
+            to.display()
+        );
+    }
+}
+
+/// The soak on a three-node JetStream cluster (issue 14): the tailer and a
+/// standby on every seed URL with an R3 stream, single-row transactions on
+/// five aggregates, and faults drawn from a seeded shuffle (every kind once
+/// per cycle): kill -9 of the stream's leader, a graceful stop of any node
+/// (one step of a rolling restart), kill -9 of a follower, kill -9 of the
+/// tailer that holds the slot, a killed walsender, a PostgreSQL fast
+/// restart. A stopped or killed node is started again and caught up before
+/// the next fault, so the cluster never loses its quorum. Recovery is
+/// measured as in the soak above, from the kill (with the node still down).
+/// Then, with the cluster whole: every row published, each exactly once in
+/// the stream, nothing else there, every aggregate in commit order, nothing
+/// pending. `SOAK_ROUNDS=60 SOAK_SEED=1 cargo test --release --test it
+/// soak::a_seeded_soak_on -- --nocapture` runs a long one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
+    use crate::cluster::{ClusterEnv, ELECTION};
+    use outbox_testkit::free_port;
+
+    let rounds = env_number("SOAK_ROUNDS", CLUSTER_FAULTS.len() as u64);
+    let seed = env_number("SOAK_SEED", 7);
+    let tag = format!("cluster soak seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut env = ClusterEnv::start().await;
+    let _keep = KeepLogsOnPanic {
+        from: env.dir.path().to_owned(),
+        seed,
+    };
+    let spawn = |env: &ClusterEnv| {
+        let metrics = free_port().unwrap();
+        let addr = format!("127.0.0.1:{metrics}");
+        let args = [
+            "run",
+            "--max-retries",
+            "2",
+            "--sweep-min-age",
+            "1",
+            "--stream-replicas",
+            "3",
+            "--metrics-addr",
+            &addr,
+        ];
+        Metered {
+            tailer: env.tailer(&args),
+            metrics,
+        }
+    };
+    let db = env.pg.connect(DB).await.unwrap();
+    let mut active = spawn(&env);
+    wait_streaming(&db, SLOT, &active.tailer).await;
+    let mut standby = spawn(&env);
+    env.cluster(|c| c.wait_stream_leader(STREAM, ELECTION))
+        .expect("the tailer created an R3 stream");
+    let load = Load::start(
+        &env.url,
+        LoadOptions::new("csoak")
+            .producers(5)
+            .pause(Duration::from_millis(15)),
+    );
+    let mut resends = Resends::default();
+    let mut recoveries: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
+    let started = Instant::now();
+    let mut order: Vec<usize> = Vec::new();
+
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
+        if order.is_empty() {
+            order = (0..CLUSTER_FAULTS.len()).collect();
+            rng.shuffle(&mut order);
+        }
+        let fault = order.pop().unwrap_or(0);
+        if let Ok(client) = env.pg.connect(DB).await {
+            if !holds_slot(&client, &active.tailer).await
+                && holds_slot(&client, &standby.tailer).await
+            {
+                std::mem::swap(&mut active, &mut standby);
+            }
+        }
+        let leader = env
+            .cluster(|c| c.wait_stream_leader(STREAM, ELECTION))
+            .unwrap();
+        // The node a fault took down, started again after the recovery.
+        let mut down = None;
+        let what = match fault {
+            0 => {
+                env.cluster(|c| c.kill(leader));
+                down = Some(leader);
+                format!("{} n{leader}", CLUSTER_FAULTS[fault])
+            }
+            1 => {
+                let node = rng.usize(..env.nats.len());
+                env.cluster(|c| c.stop(node));
+                down = Some(node);
+                format!("{} n{node} (leader n{leader})", CLUSTER_FAULTS[fault])
+            }
+            2 => {
+                let followers: Vec<usize> = (0..env.nats.len()).filter(|&i| i != leader).collect();
+                let node = followers[rng.usize(..followers.len())];
+                env.cluster(|c| c.kill(node));
+                down = Some(node);
+                format!("{} n{node} (leader n{leader})", CLUSTER_FAULTS[fault])
+            }
+            3 => {
+                resends.add(&active).await;
+                active.tailer.kill9();
+                active = standby;
+                standby = spawn(&env);
+                CLUSTER_FAULTS[fault].to_owned()
+            }
+            4 => {
+                kill_walsender(&env.pg).await;
+                CLUSTER_FAULTS[fault].to_owned()
+            }
+            _ => {
+                env.pg.restart(StopMode::Fast).unwrap();
+                CLUSTER_FAULTS[fault].to_owned()
+            }
+        };
+        eprintln!("[{tag}] round {round}: {what}");
+        let took = recovery(&env.pg, Duration::from_secs(60)).await;
+        eprintln!("[{tag}] round {round}: recovered in {took:.1?}");
+        recoveries.entry(fault).or_default().push(took);
+        if let Some(node) = down {
+            env.cluster(|c| c.start_again(node)).unwrap();
+            env.cluster(|c| c.wait_current(STREAM, node, ELECTION))
+                .unwrap_or_else(|e| panic!("[{tag}] n{node} did not catch up: {e}"));
+        }
+    }
+    load.stop().await;
+
+    // The cluster whole, then: nothing pending, every published row in the
+    // stream once, nothing else there, every aggregate in order.
+    for node in 0..env.nats.len() {
+        env.cluster(|c| c.wait_current(STREAM, node, ELECTION))
+            .unwrap_or_else(|e| panic!("[{tag}] the cluster is not whole: {e}"));
+    }
+    let db = env.pg.connect(DB).await.unwrap();
+    let js = env.js().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut pending, _, mut failed) = status_counts(&db).await;
+    while pending > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (pending, _, failed) = status_counts(&db).await;
+    }
+    let rows: HashSet<String> = db
+        .query("SELECT id::text FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The last acks may still be replicating: wait (bounded) for the count.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stream_count(&js, STREAM).await < rows.len() as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let messages = read_stream(&js, STREAM).await;
+    let mut seen = HashSet::new();
+    let (mut duplicates, mut extra) = (0, 0);
+    for m in &messages {
+        let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+        if !rows.contains(&id) {
+            extra += 1;
+        } else if !seen.insert(id) {
+            duplicates += 1;
+        }
+    }
+    let missing = rows.len() - seen.len();
+    let breaks = order_breaks(&messages);
+    resends.add(&active).await;
+    resends.add(&standby).await;
+    eprintln!(
+        "[{tag}] {rounds} rounds in {:.0?}: {} events; missing {missing}, extra {extra}, \
+         duplicates {duplicates}, order breaks {}, stuck pending {pending}, failed {failed}; \
+         tailers: {resends:?}",
+        started.elapsed(),
+        rows.len(),
+        breaks.len(),
+    );
+    let slowest = print_recoveries(&tag, &CLUSTER_FAULTS, &mut recoveries);
+    assert_eq!(
+        (missing, extra, duplicates, pending, failed),
+        (0, 0, 0, 0, 0),
+        "[{tag}] (missing, extra, duplicates, stuck pending, failed)"
+    );
+    assert!(breaks.is_empty(), "[{tag}] order broken: {breaks:?}");
+    for tailer in [&active, &standby] {
+        let output = tailer.tailer.output();
+        assert!(!output.contains("panicked"), "{output}");
+    }
+    assert!(
+        slowest < Duration::from_secs(30),
+        "[{tag}] a fault took {slowest:?} to recover from"
     );
 }
