@@ -18,6 +18,16 @@ impl Backoff {
         cap: Duration::from_secs(30),
     };
 
+    /// Waiting out an outage or a full stream: 1 s, doubling, at most 5 s.
+    /// Nothing is wrong with the event, and each try costs one publish: a
+    /// short cap resumes publishing within seconds of NATS coming back or the
+    /// limit being lifted, however long the incident was (every fault
+    /// recovers within 10 s).
+    pub(crate) const STALL: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(5),
+    };
+
     /// Polling a stream with no leader (see `Failure::Leaderless`): 250 ms,
     /// doubling, at most 1 s, so publishing resumes within a second of the
     /// election's end.

@@ -7,9 +7,9 @@
 //! |---|---|---|---|
 //! | `Permanent` (no retry can send it) | yes | at once | - |
 //! | `Rejected` (the server refused this event) | yes | at the limit | backoff |
-//! | `Outage` (NATS, JetStream or the stream unavailable) | no | never | backoff |
+//! | `Outage` (NATS, JetStream or the stream unavailable) | no | never | backoff to 5 s |
 //! | `Leaderless` (no stream answered: an election, or deleted) | no | never | short backoff |
-//! | `Capacity` (a stream or account limit is reached) | no | never | backoff, stalls publishing |
+//! | `Capacity` (a stream or account limit is reached) | no | never | backoff to 5 s, stalls publishing |
 //! | `Chain` (the chained predecessor is missing) | no | never | at once, the window again |
 //!
 //! The first retry of an event goes at once (after an outage the events
@@ -138,6 +138,9 @@ pub(crate) fn verdict(failure: Failure, attempts: u32, max_retries: u32) -> Verd
         // Polled closely: the election ends within seconds, and each poll
         // costs one publish answered at once by "no responders".
         (Failure::Leaderless, n) => Backoff::ELECTION.delay(n - 1),
+        // Not the event's fault: followed closely, so publishing resumes
+        // within seconds of the end of an incident of any length.
+        (Failure::Outage | Failure::Capacity, n) => Backoff::STALL.delay(n - 1),
         (_, n) => Backoff::PUBLISH.delay(n - 1),
     };
     let (counts, dead_at) = match failure {
@@ -261,6 +264,12 @@ mod tests {
                 "{failure:?} after {attempts}: {v:?}"
             );
             assert!(v.retry_in <= Duration::from_secs(30), "capped: {v:?}");
+            if matches!(failure, Failure::Outage | Failure::Capacity) {
+                assert!(
+                    v.retry_in <= Duration::from_secs(5),
+                    "{failure:?} after {attempts}: resumes within seconds: {v:?}"
+                );
+            }
         }
         for attempts in 1..40 {
             let v = verdict(Failure::Leaderless, attempts, max);
