@@ -1,0 +1,372 @@
+//! Each stage of the tailer's pipeline alone, at full speed, on throwaway
+//! servers on this machine (fsync on): where one tailer saturates. The
+//! figures behind "The road past one slot" in docs/design.md.
+//!
+//! Phases (each on a fresh outbox of `--events` committed events, in
+//! transactions of 100, ~400-byte chat payloads like the benchmark's):
+//! - decode: the walsender alone. A pgoutput slot (created before the
+//!   events) is read to its end by `pg_recvlogical -f /dev/null`, a consumer
+//!   that does nothing; events/s, and the walsender's CPU seconds (one
+//!   process: its ceiling is one core).
+//! - mark: the marker alone. The tailer's own `Marker` (`UPDATE … WHERE id =
+//!   ANY($1) AND status = 'pending' RETURNING id`) over every row in batches
+//!   of `--batch` with one connection and one batch in flight, then with two
+//!   connections marking disjoint batches at the same time; rows/s, and the
+//!   CPU seconds of PostgreSQL (every process).
+//! - publish: JetStream alone. The same events as messages
+//!   (`Message::from_row`), chained with `Nats-Expected-Last-Msg-Id` as the
+//!   tailer sends them, `--window` in flight, no PostgreSQL in the loop;
+//!   messages/s, and the CPU seconds of nats-server and of this process.
+//!
+//! Each figure is one `result` line. The machine's load average is printed
+//! before and after: on a shared machine the figures are only as quiet as it.
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use clap::Parser;
+use outbox_tailer::internals::{row_from, Marker, Message, ROW_COLUMNS};
+use outbox_testkit::procfs;
+use outbox_testkit::{alembic, NatsServer, PgServer};
+use std::collections::VecDeque;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser)]
+struct Args {
+    /// Events committed before each phase.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Rows per marker batch (the tailer's largest).
+    #[arg(long, default_value_t = 2_000)]
+    batch: usize,
+    /// Publishes in flight (the tailer's window).
+    #[arg(long, default_value_t = 4_096)]
+    window: usize,
+    /// Run only these phases (decode, mark, publish).
+    #[arg(long, value_delimiter = ',', default_value = "decode,mark,publish")]
+    phases: Vec<String>,
+    /// PostgreSQL fsync and synchronous_commit.
+    #[arg(long, default_value = "on")]
+    fsync: String,
+}
+
+const SLOT: &str = "ceiling";
+const STREAM: &str = "CEILING";
+
+struct Ceiling {
+    pg: PgServer,
+    nats: NatsServer,
+    db: Client,
+    args: Args,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(error) = run().await {
+        // The whole chain: tokio-postgres says only "db error" at the top.
+        let mut line = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            line = format!("{line}: {cause}");
+            source = cause.source();
+        }
+        eprintln!("ceiling: {line}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<()> {
+    let args = Args::parse();
+    if args.events == 0 || args.batch == 0 || args.window == 0 {
+        return Err("--events, --batch and --window must be positive".into());
+    }
+    for phase in &args.phases {
+        if !["decode", "mark", "publish"].contains(&phase.as_str()) {
+            return Err(format!("unknown phase {phase} (decode, mark, publish)").into());
+        }
+    }
+    // The benchmark's server settings: a checkpoint does not land mid-phase.
+    let pg = PgServer::builder()
+        .setting("fsync", &args.fsync)
+        .setting("synchronous_commit", &args.fsync)
+        .setting("shared_buffers", "256MB")
+        .setting("max_wal_size", "4GB")
+        .setting("checkpoint_timeout", "30min")
+        .start()?;
+    let nats = NatsServer::start()?;
+    let url = pg.create_database("chat").await?;
+    alembic(&url, &["upgrade", "head"])?;
+    let db = pg.connect("chat").await?;
+    let version: String = db.query_one("SHOW server_version", &[]).await?.get(0);
+    println!(
+        "ceiling: PostgreSQL {version} (fsync={0}, synchronous_commit={0}), nats-server, {1} cores, {2} events; load average {3}",
+        args.fsync,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        args.events,
+        loadavg(),
+    );
+    let ceiling = Ceiling { pg, nats, db, args };
+    for phase in &ceiling.args.phases {
+        match phase.as_str() {
+            "decode" => ceiling.decode().await?,
+            "mark" => {
+                let one = ceiling.mark(1).await?;
+                let two = ceiling.mark(2).await?;
+                println!("result   mark     2 vs 1 connection: {:.2}x", two / one);
+            }
+            _ => ceiling.publish().await?,
+        }
+    }
+    println!("ceiling: done; load average {}", loadavg());
+    Ok(())
+}
+
+impl Ceiling {
+    /// A fresh outbox of `--events` committed events in transactions of 100,
+    /// written by one server-side loop (fast; not measured). With `slot`, a
+    /// pgoutput slot is created first, so it streams them.
+    async fn load(&self, slot: bool) -> Result<()> {
+        self.db
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots; \
+                 TRUNCATE event_outbox",
+            )
+            .await?;
+        if slot {
+            self.db
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&SLOT],
+                )
+                .await?;
+        }
+        let started = Instant::now();
+        // The benchmark's payload: ~400 bytes of JSON, one chat.
+        self.db
+            .batch_execute(&format!(
+                "DO $$
+                 DECLARE
+                   chat text := gen_random_uuid()::text;
+                   u uuid := gen_random_uuid();
+                   p uuid := gen_random_uuid();
+                 BEGIN
+                   FOR b IN 0..({n} - 1) / 100 LOOP
+                     INSERT INTO event_outbox (id, aggregate_type, aggregate_id, user_id, project_id, event_type, payload)
+                     SELECT id, 'chat', chat, u, p, 'message.created',
+                       jsonb_build_object('message_id', id, 'chat_id', chat, 'project_id', p, 'user_id', u, 'role', 'user',
+                         'content', 'message ' || (b * 100 + i) || ': the deploy finished, the dashboards look green, and the on-call rotation for next week is posted in the channel; ping me if the lag alert fires again.')
+                     FROM (SELECT gen_random_uuid() AS id, i FROM generate_series(1, least(100, {n} - b * 100)) i) t;
+                     COMMIT;
+                   END LOOP;
+                 END $$",
+                n = self.args.events
+            ))
+            .await?;
+        self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
+        self.db.batch_execute("CHECKPOINT").await?;
+        println!(
+            "load     {} events committed in transactions of 100 in {:.1} s",
+            self.args.events,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The walsender decoding the slot to its end for a consumer that
+    /// writes to /dev/null.
+    async fn decode(&self) -> Result<()> {
+        self.load(true).await?;
+        let end: String = self
+            .db
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await?
+            .get(0);
+        let started = Instant::now();
+        let mut reader = Command::new(self.pg.bin("pg_recvlogical"))
+            .args(["-d", &self.pg.url("chat"), "--slot", SLOT, "--start"])
+            .args(["--endpos", &end, "--no-loop", "-f", "/dev/null"])
+            .args(["-o", "proto_version=1"])
+            .args(["-o", "publication_names=event_outbox_pub"])
+            .stdin(Stdio::null())
+            .spawn()?;
+        // The walsender exits with the reader: its CPU is sampled until then.
+        let mut walsender = None;
+        let mut walsender_cpu = 0.0;
+        let mut reader_cpu = 0.0;
+        let status = loop {
+            if let Some(status) = reader.try_wait()? {
+                break status;
+            }
+            if walsender.is_none() {
+                walsender = self
+                    .db
+                    .query_opt(
+                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                        &[&SLOT],
+                    )
+                    .await?
+                    .map(|row| row.get::<_, i32>(0) as u32);
+            }
+            if let Some(pid) = walsender {
+                walsender_cpu = f64::max(walsender_cpu, procfs::usage(pid).cpu_seconds);
+            }
+            reader_cpu = f64::max(reader_cpu, procfs::usage(reader.id()).cpu_seconds);
+            if started.elapsed() > Duration::from_secs(600) {
+                let _ = reader.kill();
+                return Err("pg_recvlogical did not reach the end in 600 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        if !status.success() {
+            return Err(format!("pg_recvlogical failed: {status}").into());
+        }
+        let confirmed: bool = self
+            .db
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&end, &SLOT],
+            )
+            .await?
+            .get(0);
+        if !confirmed {
+            return Err("pg_recvlogical stopped before the end of the slot".into());
+        }
+        let n = self.args.events as f64;
+        println!(
+            "result   decode   walsender {} events {:.0} events/s in {elapsed:.2} s; walsender cpu {walsender_cpu:.2} s ({:.0}% of one core), {:.0} events per walsender cpu s; pg_recvlogical cpu {reader_cpu:.2} s",
+            self.args.events,
+            n / elapsed,
+            100.0 * walsender_cpu / elapsed,
+            n / walsender_cpu,
+        );
+        Ok(())
+    }
+
+    /// The marker's UPDATE over every row, in batches, on `connections`
+    /// connections marking disjoint batches (one in flight on each).
+    /// Returns rows/s.
+    async fn mark(&self, connections: usize) -> Result<f64> {
+        self.load(false).await?;
+        // Physical order: the order the tailer sees them in (commit order).
+        let ids: Vec<Uuid> = self
+            .db
+            .query("SELECT id FROM event_outbox", &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let batches: Arc<Vec<Vec<Uuid>>> =
+            Arc::new(ids.chunks(self.args.batch).map(<[Uuid]>::to_vec).collect());
+        let mut markers = Vec::new();
+        for _ in 0..connections {
+            let db = self.pg.connect("chat").await?;
+            let marker = Marker::prepare(&db, false).await?;
+            markers.push((db, marker));
+        }
+        let postgres = self.pg.pid().ok_or("postgres is not running")?;
+        let cpu_before = procfs::tree_cpu_seconds(postgres);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for (k, (db, marker)) in markers.into_iter().enumerate() {
+            let batches = batches.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut marked = 0;
+                for batch in batches.iter().skip(k).step_by(connections) {
+                    marked += marker.mark(&db, batch, &[]).await?.marked;
+                }
+                Ok::<_, tokio_postgres::Error>(marked)
+            }));
+        }
+        let mut marked = 0;
+        for task in tasks {
+            marked += task.await??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        // Backends that ended are not counted: read before they end.
+        let cpu = procfs::tree_cpu_seconds(postgres) - cpu_before;
+        if marked != ids.len() {
+            return Err(format!("marked {marked} of {} rows", ids.len()).into());
+        }
+        let rate = marked as f64 / elapsed;
+        println!(
+            "result   mark     {connections} conn    {marked} rows {rate:.0} rows/s in {elapsed:.2} s; batches of {}; postgres cpu {cpu:.2} s ({:.2} cores)",
+            self.args.batch,
+            cpu / elapsed,
+        );
+        Ok(rate)
+    }
+
+    /// The same events to JetStream, chained, `--window` in flight.
+    async fn publish(&self) -> Result<()> {
+        self.load(false).await?;
+        let rows = self
+            .db
+            .query(&format!("SELECT {ROW_COLUMNS} FROM event_outbox"), &[])
+            .await?
+            .iter()
+            .map(row_from)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let js = jetstream::new(async_nats::connect(self.nats.url()).await?);
+        let _ = js.delete_stream(STREAM).await;
+        js.create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["events.>".into()],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+        let nats = self.nats.pid().ok_or("nats-server is not running")?;
+        let me = std::process::id();
+        let (nats_before, me_before) = (
+            procfs::usage(nats).cpu_seconds,
+            procfs::usage(me).cpu_seconds,
+        );
+        let started = Instant::now();
+        let mut window = VecDeque::with_capacity(self.args.window);
+        let mut last: Option<Uuid> = None;
+        let mut stored = 0usize;
+        for row in &rows {
+            if window.len() == self.args.window {
+                let ack: jetstream::context::PublishAckFuture =
+                    window.pop_front().ok_or("empty window")?;
+                stored += usize::from(!ack.await?.duplicate);
+            }
+            let message = Message::from_row("events", row);
+            let mut publish = PublishMessage::build()
+                .payload(message.body)
+                .headers(message.headers);
+            if let Some(last) = last {
+                publish = publish.expected_last_message_id(last.to_string());
+            }
+            window.push_back(js.send_publish(message.subject, publish).await?);
+            last = Some(row.id);
+        }
+        while let Some(ack) = window.pop_front() {
+            stored += usize::from(!ack.await?.duplicate);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let nats_cpu = procfs::usage(nats).cpu_seconds - nats_before;
+        let me_cpu = procfs::usage(me).cpu_seconds - me_before;
+        if stored != rows.len() {
+            return Err(format!("stored {stored} of {} messages", rows.len()).into());
+        }
+        println!(
+            "result   publish  jetstream {stored} msgs {:.0} msgs/s in {elapsed:.2} s; window {}; nats-server cpu {nats_cpu:.2} s, publisher cpu {me_cpu:.2} s",
+            stored as f64 / elapsed,
+            self.args.window,
+        );
+        Ok(())
+    }
+}
+
+/// The 1, 5 and 15-minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
