@@ -3,11 +3,15 @@
 //! figures behind "The road past one slot" in docs/design.md.
 //!
 //! Phases (each on a fresh outbox of `--events` committed events, in
-//! transactions of 100, ~400-byte chat payloads like the benchmark's):
+//! transactions of 100, ~400-byte chat payloads like the benchmark's, over
+//! 64 chats):
 //! - decode: the walsender alone. A pgoutput slot (created before the
 //!   events) is read to its end by `pg_recvlogical -f /dev/null`, a consumer
 //!   that does nothing; events/s, and the walsender's CPU seconds (one
 //!   process: its ceiling is one core).
+//! - decode2 (not run by default): the same with two slots read at once,
+//!   each on a publication whose row filter takes half of the aggregates
+//!   (`hashtext(aggregate_id) & 1 = k`): what a second slot buys.
 //! - mark: the marker alone. The tailer's own `Marker` (`UPDATE … WHERE id =
 //!   ANY($1) AND status = 'pending' RETURNING id`) over every row in batches
 //!   of `--batch` with one connection and one batch in flight, then with two
@@ -46,7 +50,7 @@ struct Args {
     /// Publishes in flight (the tailer's window).
     #[arg(long, default_value_t = 4_096)]
     window: usize,
-    /// Run only these phases (decode, mark, publish).
+    /// Run only these phases (decode, decode2, mark, publish).
     #[arg(long, value_delimiter = ',', default_value = "decode,mark,publish")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit.
@@ -54,7 +58,28 @@ struct Args {
     fsync: String,
 }
 
-const SLOT: &str = "ceiling";
+/// One `pg_recvlogical` and the walsender serving it.
+struct Reader {
+    child: std::process::Child,
+    slot: String,
+    walsender: Option<u32>,
+    walsender_cpu: f64,
+    /// pg_recvlogical's own CPU seconds.
+    cpu: f64,
+    /// Seconds from the start until it reached the end.
+    done: Option<f64>,
+}
+
+/// The slots and publications of `slots` partitions: the tailer's
+/// publication for one, filtered ones for more.
+fn partitions(slots: usize) -> Vec<(String, String)> {
+    match slots {
+        1 => vec![("ceiling".into(), "event_outbox_pub".into())],
+        _ => (0..slots)
+            .map(|k| (format!("ceiling_{k}"), format!("ceiling_pub_{k}")))
+            .collect(),
+    }
+}
 const STREAM: &str = "CEILING";
 
 struct Ceiling {
@@ -85,8 +110,8 @@ async fn run() -> Result<()> {
         return Err("--events, --batch and --window must be positive".into());
     }
     for phase in &args.phases {
-        if !["decode", "mark", "publish"].contains(&phase.as_str()) {
-            return Err(format!("unknown phase {phase} (decode, mark, publish)").into());
+        if !["decode", "decode2", "mark", "publish"].contains(&phase.as_str()) {
+            return Err(format!("unknown phase {phase} (decode, decode2, mark, publish)").into());
         }
     }
     // The benchmark's server settings: a checkpoint does not land mid-phase.
@@ -112,7 +137,8 @@ async fn run() -> Result<()> {
     let ceiling = Ceiling { pg, nats, db, args };
     for phase in &ceiling.args.phases {
         match phase.as_str() {
-            "decode" => ceiling.decode().await?,
+            "decode" => ceiling.decode(1).await?,
+            "decode2" => ceiling.decode(2).await?,
             "mark" => {
                 let one = ceiling.mark(1).await?;
                 let two = ceiling.mark(2).await?;
@@ -127,30 +153,49 @@ async fn run() -> Result<()> {
 
 impl Ceiling {
     /// A fresh outbox of `--events` committed events in transactions of 100,
-    /// written by one server-side loop (fast; not measured). With `slot`, a
-    /// pgoutput slot is created first, so it streams them.
-    async fn load(&self, slot: bool) -> Result<()> {
+    /// spread over 64 aggregates (chats), written by one server-side loop
+    /// (fast; not measured). With `slots` > 0, pgoutput slots are created
+    /// first, so they stream them: one on the tailer's publication, or
+    /// several, each on a publication whose row filter takes its share of
+    /// the aggregates (`hashtext(aggregate_id) & (slots - 1) = k`).
+    async fn load(&self, slots: usize) -> Result<()> {
         self.db
             .batch_execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots; \
                  TRUNCATE event_outbox",
             )
             .await?;
-        if slot {
+        // As the benchmark: clean before the load, not after, so the rows are
+        // marked as the tailer meets them (just written, never vacuumed, and
+        // no checkpoint in between to make every page's first change a
+        // full-page image).
+        self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
+        self.db.batch_execute("CHECKPOINT").await?;
+        for (k, (slot, publication)) in partitions(slots).iter().enumerate() {
+            if slots > 1 {
+                self.db
+                    .batch_execute(&format!(
+                        "DROP PUBLICATION IF EXISTS {publication}; \
+                         CREATE PUBLICATION {publication} FOR TABLE event_outbox \
+                           WHERE ((hashtext(aggregate_id) & {mask}) = {k}) \
+                           WITH (publish = 'insert', publish_via_partition_root = true)",
+                        mask = slots - 1
+                    ))
+                    .await?;
+            }
             self.db
                 .execute(
                     "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&SLOT],
+                    &[slot],
                 )
                 .await?;
         }
         let started = Instant::now();
-        // The benchmark's payload: ~400 bytes of JSON, one chat.
+        // The benchmark's payload: ~400 bytes of JSON.
         self.db
             .batch_execute(&format!(
                 "DO $$
                  DECLARE
-                   chat text := gen_random_uuid()::text;
                    u uuid := gen_random_uuid();
                    p uuid := gen_random_uuid();
                  BEGIN
@@ -159,15 +204,14 @@ impl Ceiling {
                      SELECT id, 'chat', chat, u, p, 'message.created',
                        jsonb_build_object('message_id', id, 'chat_id', chat, 'project_id', p, 'user_id', u, 'role', 'user',
                          'content', 'message ' || (b * 100 + i) || ': the deploy finished, the dashboards look green, and the on-call rotation for next week is posted in the channel; ping me if the lag alert fires again.')
-                     FROM (SELECT gen_random_uuid() AS id, i FROM generate_series(1, least(100, {n} - b * 100)) i) t;
+                     FROM (SELECT gen_random_uuid() AS id, 'chat-' || (i % 64) AS chat, i
+                           FROM generate_series(1, least(100, {n} - b * 100)) i) t;
                      COMMIT;
                    END LOOP;
                  END $$",
                 n = self.args.events
             ))
             .await?;
-        self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
-        self.db.batch_execute("CHECKPOINT").await?;
         println!(
             "load     {} events committed in transactions of 100 in {:.1} s",
             self.args.events,
@@ -176,72 +220,93 @@ impl Ceiling {
         Ok(())
     }
 
-    /// The walsender decoding the slot to its end for a consumer that
-    /// writes to /dev/null.
-    async fn decode(&self) -> Result<()> {
-        self.load(true).await?;
+    /// The walsenders of `slots` slots decoding to the end, each for a
+    /// consumer (`pg_recvlogical`) that writes to /dev/null, all at once.
+    async fn decode(&self, slots: usize) -> Result<()> {
+        self.load(slots).await?;
         let end: String = self
             .db
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await?
             .get(0);
         let started = Instant::now();
-        let mut reader = Command::new(self.pg.bin("pg_recvlogical"))
-            .args(["-d", &self.pg.url("chat"), "--slot", SLOT, "--start"])
-            .args(["--endpos", &end, "--no-loop", "-f", "/dev/null"])
-            .args(["-o", "proto_version=1"])
-            .args(["-o", "publication_names=event_outbox_pub"])
-            .stdin(Stdio::null())
-            .spawn()?;
-        // The walsender exits with the reader: its CPU is sampled until then.
-        let mut walsender = None;
-        let mut walsender_cpu = 0.0;
-        let mut reader_cpu = 0.0;
-        let status = loop {
-            if let Some(status) = reader.try_wait()? {
-                break status;
+        let mut readers = Vec::new();
+        for (slot, publication) in partitions(slots) {
+            let child = Command::new(self.pg.bin("pg_recvlogical"))
+                .args(["-d", &self.pg.url("chat"), "--slot", &slot, "--start"])
+                .args(["--endpos", &end, "--no-loop", "-f", "/dev/null"])
+                .args(["-o", "proto_version=1"])
+                .args(["-o", &format!("publication_names={publication}")])
+                .stdin(Stdio::null())
+                .spawn()?;
+            readers.push(Reader {
+                child,
+                slot,
+                walsender: None,
+                walsender_cpu: 0.0,
+                cpu: 0.0,
+                done: None,
+            });
+        }
+        // A walsender exits with its reader: its CPU is sampled until then.
+        while readers.iter().any(|r| r.done.is_none()) {
+            for reader in readers.iter_mut().filter(|r| r.done.is_none()) {
+                if let Some(status) = reader.child.try_wait()? {
+                    if !status.success() {
+                        return Err(format!("pg_recvlogical failed: {status}").into());
+                    }
+                    reader.done = Some(started.elapsed().as_secs_f64());
+                    continue;
+                }
+                if reader.walsender.is_none() {
+                    reader.walsender = self
+                        .db
+                        .query_opt(
+                            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                            &[&reader.slot],
+                        )
+                        .await?
+                        .map(|row| row.get::<_, i32>(0) as u32);
+                }
+                if let Some(pid) = reader.walsender {
+                    reader.walsender_cpu =
+                        f64::max(reader.walsender_cpu, procfs::usage(pid).cpu_seconds);
+                }
+                reader.cpu = f64::max(reader.cpu, procfs::usage(reader.child.id()).cpu_seconds);
             }
-            if walsender.is_none() {
-                walsender = self
-                    .db
-                    .query_opt(
-                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                        &[&SLOT],
-                    )
-                    .await?
-                    .map(|row| row.get::<_, i32>(0) as u32);
-            }
-            if let Some(pid) = walsender {
-                walsender_cpu = f64::max(walsender_cpu, procfs::usage(pid).cpu_seconds);
-            }
-            reader_cpu = f64::max(reader_cpu, procfs::usage(reader.id()).cpu_seconds);
             if started.elapsed() > Duration::from_secs(600) {
-                let _ = reader.kill();
                 return Err("pg_recvlogical did not reach the end in 600 s".into());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let elapsed = started.elapsed().as_secs_f64();
-        if !status.success() {
-            return Err(format!("pg_recvlogical failed: {status}").into());
         }
-        let confirmed: bool = self
-            .db
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&end, &SLOT],
-            )
-            .await?
-            .get(0);
-        if !confirmed {
-            return Err("pg_recvlogical stopped before the end of the slot".into());
+        for reader in &readers {
+            let confirmed: bool = self
+                .db
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&end, &reader.slot],
+                )
+                .await?
+                .get(0);
+            if !confirmed {
+                return Err(format!("pg_recvlogical stopped before the end of {}", reader.slot).into());
+            }
         }
+        let elapsed = readers.iter().filter_map(|r| r.done).fold(0.0, f64::max);
+        let walsender_cpu: f64 = readers.iter().map(|r| r.walsender_cpu).sum();
+        let reader_cpu: f64 = readers.iter().map(|r| r.cpu).sum();
+        let each: Vec<String> = readers
+            .iter()
+            .map(|r| format!("{:.2}", r.walsender_cpu))
+            .collect();
         let n = self.args.events as f64;
         println!(
-            "result   decode   walsender {} events {:.0} events/s in {elapsed:.2} s; walsender cpu {walsender_cpu:.2} s ({:.0}% of one core), {:.0} events per walsender cpu s; pg_recvlogical cpu {reader_cpu:.2} s",
+            "result   decode   {slots} slot{}   {} events {:.0} events/s in {elapsed:.2} s; walsender cpu {walsender_cpu:.2} s ({} each; {:.0}% of one core each), {:.0} events per walsender cpu s; pg_recvlogical cpu {reader_cpu:.2} s",
+            if slots == 1 { " " } else { "s" },
             self.args.events,
             n / elapsed,
-            100.0 * walsender_cpu / elapsed,
+            each.join(" + "),
+            100.0 * walsender_cpu / slots as f64 / elapsed,
             n / walsender_cpu,
         );
         Ok(())
@@ -251,7 +316,7 @@ impl Ceiling {
     /// connections marking disjoint batches (one in flight on each).
     /// Returns rows/s.
     async fn mark(&self, connections: usize) -> Result<f64> {
-        self.load(false).await?;
+        self.load(0).await?;
         // Physical order: the order the tailer sees them in (commit order).
         let ids: Vec<Uuid> = self
             .db
@@ -303,7 +368,7 @@ impl Ceiling {
 
     /// The same events to JetStream, chained, `--window` in flight.
     async fn publish(&self) -> Result<()> {
-        self.load(false).await?;
+        self.load(0).await?;
         let rows = self
             .db
             .query(&format!("SELECT {ROW_COLUMNS} FROM event_outbox"), &[])
