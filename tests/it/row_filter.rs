@@ -96,7 +96,10 @@ async fn a_hash_row_filter_splits_the_outbox_between_slots() {
     assert_eq!(all.len() as i64, i64::from(AGGREGATES) * ROUNDS);
     let expected_slot: HashMap<String, i32> = db
         .query(
-            &format!("SELECT DISTINCT aggregate_id, hashtext(aggregate_id) & {} FROM event_outbox", N - 1),
+            &format!(
+                "SELECT DISTINCT aggregate_id, hashtext(aggregate_id) & {} FROM event_outbox",
+                N - 1
+            ),
             &[],
         )
         .await
@@ -166,6 +169,13 @@ async fn a_hash_row_filter_splits_the_outbox_between_slots() {
             );
         }
     }
-    let missing: HashSet<&String> = all.keys().filter(|id| !delivered.contains_key(*id)).collect();
-    assert!(missing.is_empty(), "{} events reached no slot", missing.len());
+    let missing: HashSet<&String> = all
+        .keys()
+        .filter(|id| !delivered.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events reached no slot",
+        missing.len()
+    );
 }

@@ -22,6 +22,11 @@
 //!   tailer sends them, `--window` in flight, no PostgreSQL in the loop;
 //!   messages/s, and the CPU seconds of nats-server and of this process.
 //!
+//! - drain (not run by default): the whole tailer on the same events, for
+//!   comparison, with how full the marker's batches were
+//!   (`outbox_mark_batch_size`): full batches (2,000) mean the marker was
+//!   behind, small ones that it kept up.
+//!
 //! Each figure is one `result` line. The machine's load average is printed
 //! before and after: on a shared machine the figures are only as quiet as it.
 
@@ -50,7 +55,7 @@ struct Args {
     /// Publishes in flight (the tailer's window).
     #[arg(long, default_value_t = 4_096)]
     window: usize,
-    /// Run only these phases (decode, decode2, mark, publish).
+    /// Run only these phases (decode, decode2, mark, publish, drain).
     #[arg(long, value_delimiter = ',', default_value = "decode,mark,publish")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit.
@@ -110,8 +115,10 @@ async fn run() -> Result<()> {
         return Err("--events, --batch and --window must be positive".into());
     }
     for phase in &args.phases {
-        if !["decode", "decode2", "mark", "publish"].contains(&phase.as_str()) {
-            return Err(format!("unknown phase {phase} (decode, decode2, mark, publish)").into());
+        if !["decode", "decode2", "mark", "publish", "drain"].contains(&phase.as_str()) {
+            return Err(
+                format!("unknown phase {phase} (decode, decode2, mark, publish, drain)").into(),
+            );
         }
     }
     // The benchmark's server settings: a checkpoint does not land mid-phase.
@@ -144,6 +151,7 @@ async fn run() -> Result<()> {
                 let two = ceiling.mark(2).await?;
                 println!("result   mark     2 vs 1 connection: {:.2}x", two / one);
             }
+            "drain" => ceiling.drain().await?,
             _ => ceiling.publish().await?,
         }
     }
@@ -289,7 +297,9 @@ impl Ceiling {
                 .await?
                 .get(0);
             if !confirmed {
-                return Err(format!("pg_recvlogical stopped before the end of {}", reader.slot).into());
+                return Err(
+                    format!("pg_recvlogical stopped before the end of {}", reader.slot).into(),
+                );
             }
         }
         let elapsed = readers.iter().filter_map(|r| r.done).fold(0.0, f64::max);
@@ -328,13 +338,23 @@ impl Ceiling {
         let batches: Arc<Vec<Vec<Uuid>>> =
             Arc::new(ids.chunks(self.args.batch).map(<[Uuid]>::to_vec).collect());
         let mut markers = Vec::new();
+        let mut backends = Vec::new();
         for _ in 0..connections {
             let db = self.pg.connect("chat").await?;
             let marker = Marker::prepare(&db, false).await?;
+            let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+            backends.push(pid as u32);
             markers.push((db, marker));
         }
+        let backends_cpu = || -> f64 {
+            backends
+                .iter()
+                .map(|&pid| procfs::usage(pid).cpu_seconds)
+                .sum()
+        };
         let postgres = self.pg.pid().ok_or("postgres is not running")?;
         let cpu_before = procfs::tree_cpu_seconds(postgres);
+        let backends_before = backends_cpu();
         let started = Instant::now();
         let mut tasks = Vec::new();
         for (k, (db, marker)) in markers.into_iter().enumerate() {
@@ -352,16 +372,18 @@ impl Ceiling {
             marked += task.await??;
         }
         let elapsed = started.elapsed().as_secs_f64();
-        // Backends that ended are not counted: read before they end.
+        let backends = backends_cpu() - backends_before;
+        // All of PostgreSQL: also the WAL writer, checkpointer and autovacuum
+        // (a worker that ends meanwhile is not counted, so this is rough).
         let cpu = procfs::tree_cpu_seconds(postgres) - cpu_before;
         if marked != ids.len() {
             return Err(format!("marked {marked} of {} rows", ids.len()).into());
         }
         let rate = marked as f64 / elapsed;
         println!(
-            "result   mark     {connections} conn    {marked} rows {rate:.0} rows/s in {elapsed:.2} s; batches of {}; postgres cpu {cpu:.2} s ({:.2} cores)",
+            "result   mark     {connections} conn    {marked} rows {rate:.0} rows/s in {elapsed:.2} s; batches of {}; marking backends cpu {backends:.2} s ({:.0} rows per backend cpu s), all postgres cpu {cpu:.2} s",
             self.args.batch,
-            cpu / elapsed,
+            marked as f64 / backends,
         );
         Ok(rate)
     }
@@ -429,9 +451,88 @@ impl Ceiling {
     }
 }
 
+impl Ceiling {
+    /// The real tailer draining the events (its slot created before them).
+    async fn drain(&self) -> Result<()> {
+        // The publish phase's stream would overlap the tailer's subjects.
+        let js = jetstream::new(async_nats::connect(self.nats.url()).await?);
+        let _ = js.delete_stream(STREAM).await;
+        let _ = js.delete_stream("EVENTS").await;
+        self.load(1).await?;
+        let port = outbox_testkit::free_port()?;
+        let mut tailer = Command::new(outbox_testkit::tailer_bin()?)
+            .args(["run", "--slot", &partitions(1)[0].0])
+            .env("DATABASE_URL", self.pg.url("chat"))
+            .env("NATS_URL", self.nats.url())
+            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        let drained = async {
+            loop {
+                let pending: i64 = self
+                    .db
+                    .query_one(
+                        "SELECT count(*) FROM event_outbox WHERE status = 'pending'",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                if pending == 0 {
+                    return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(());
+                }
+                if started.elapsed() > Duration::from_secs(600) {
+                    return Err("the outbox did not drain in 600 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let scrape = match drained {
+            Ok(()) => reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await?
+                .text()
+                .await
+                .map_err(Into::into),
+            Err(error) => Err(error),
+        };
+        let _ = tailer.kill();
+        let _ = tailer.wait();
+        let scrape = scrape?;
+        let metric = |name: &str| -> f64 {
+            scrape
+                .lines()
+                .find(|line| line.starts_with(name))
+                .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let (rows, batches) = (
+            metric("outbox_mark_batch_size_sum"),
+            metric("outbox_mark_batch_size_count"),
+        );
+        let small = metric("outbox_mark_batch_size_bucket{le=\"1000\"}");
+        println!(
+            "result   drain    tailer    {} events {:.0} events/s in {elapsed:.2} s; marker: {batches} batches, {:.0} rows each on average, {:.0}% of them under 1,000 rows",
+            self.args.events,
+            self.args.events as f64 / elapsed,
+            rows / batches,
+            100.0 * small / batches,
+        );
+        Ok(())
+    }
+}
+
 /// The 1, 5 and 15-minute load averages.
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
