@@ -55,7 +55,8 @@ struct Args {
     /// Publishes in flight (the tailer's window).
     #[arg(long, default_value_t = 4_096)]
     window: usize,
-    /// Run only these phases (decode, decode2, mark, publish, drain).
+    /// Run only these phases (decode, decode2, mark, mark1, mark2, publish,
+    /// drain; mark is mark1 then mark2).
     #[arg(long, value_delimiter = ',', default_value = "decode,mark,publish")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit.
@@ -115,10 +116,15 @@ async fn run() -> Result<()> {
         return Err("--events, --batch and --window must be positive".into());
     }
     for phase in &args.phases {
-        if !["decode", "decode2", "mark", "publish", "drain"].contains(&phase.as_str()) {
-            return Err(
-                format!("unknown phase {phase} (decode, decode2, mark, publish, drain)").into(),
-            );
+        if ![
+            "decode", "decode2", "mark", "mark1", "mark2", "publish", "drain",
+        ]
+        .contains(&phase.as_str())
+        {
+            return Err(format!(
+                "unknown phase {phase} (decode, decode2, mark, mark1, mark2, publish, drain)"
+            )
+            .into());
         }
     }
     // The benchmark's server settings: a checkpoint does not land mid-phase.
@@ -152,6 +158,9 @@ async fn run() -> Result<()> {
                 println!("result   mark     2 vs 1 connection: {:.2}x", two / one);
             }
             "drain" => ceiling.drain().await?,
+            // One connection count alone, to run them in either order.
+            "mark1" => drop(ceiling.mark(1).await?),
+            "mark2" => drop(ceiling.mark(2).await?),
             _ => ceiling.publish().await?,
         }
     }
