@@ -24,6 +24,7 @@ mod odd_input;
 mod partitioned;
 mod pg_failover;
 mod retention;
+mod row_filter;
 mod schema;
 mod shutdown;
 mod soak;
