@@ -8,7 +8,8 @@
 //!   multi-host URL, the replication stream (on the server the query
 //!   connection reached), which primary it is (timeline), pgoutput decoding
 //!   (pure), LSN progress.
-//! - [`publish`]: subjects and messages (pure), failure classes, the JetStream
+//! - [`publish`]: subjects and messages (pure), failure classes, chained
+//!   publishing with go-back-N (the stream's and the sweeper's), the JetStream
 //!   connection and stream, and whose turn it is to publish (stream or sweeper).
 //! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`];
 //!   [`supervise`]: background tasks that must not die silently.
