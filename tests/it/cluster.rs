@@ -174,14 +174,7 @@ async fn an_r3_stream_gets_every_event_once_in_order() {
     let published = assert_exactly_once_in_order(&env).await;
     assert_eq!(published as i64, events);
 
-    let info = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = stream_info(&js).await;
     assert_eq!(info.config.num_replicas, 3, "the tailer created it R3");
     let cluster = info.cluster.expect("a clustered stream");
     assert_eq!(
@@ -218,14 +211,7 @@ async fn an_r3_stream_gets_every_event_once_in_order() {
         1,
         "{output}"
     );
-    let info = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = stream_info(&js).await;
     assert_eq!(info.config.num_replicas, 3, "left as it was");
 }
 
@@ -471,4 +457,15 @@ async fn replicas_a_single_server_cannot_hold_are_one_clear_line() {
         "{output}"
     );
     assert!(!output.contains("panicked"), "{output}");
+}
+
+/// The stream's configuration and state, as the server answers now.
+async fn stream_info(js: &async_nats::jetstream::Context) -> async_nats::jetstream::stream::Info {
+    js.get_stream(STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
 }

@@ -80,6 +80,32 @@ async fn set_system(db: &tokio_postgres::Client, name: &str, value: Option<&str>
     let _ = db.batch_execute("SELECT pg_reload_conf()").await;
 }
 
+/// Fault kinds in a seeded shuffle, each once per cycle, so a short run sees
+/// them all.
+struct Deck {
+    kinds: usize,
+    order: Vec<usize>,
+}
+
+impl Deck {
+    fn new(kinds: usize) -> Deck {
+        Deck {
+            kinds,
+            order: Vec::new(),
+        }
+    }
+
+    /// Waits the pause between rounds (0.3–1.5 s), then draws the next kind.
+    async fn next(&mut self, rng: &mut fastrand::Rng) -> usize {
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
+        if self.order.is_empty() {
+            self.order = (0..self.kinds).collect();
+            rng.shuffle(&mut self.order);
+        }
+        self.order.pop().unwrap_or(0)
+    }
+}
+
 /// Prints each fault kind's recovery times (median, p90, max) and returns
 /// the slowest of all.
 fn print_recoveries(
@@ -147,16 +173,10 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
     let mut nats_stops = 0;
     let mut recoveries: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
     let started = Instant::now();
-    // Every kind once per cycle, in a seeded order: a short run sees them all.
-    let mut order: Vec<usize> = Vec::new();
+    let mut deck = Deck::new(FAULTS.len());
 
     for round in 0..rounds {
-        tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
-        if order.is_empty() {
-            order = (0..FAULTS.len()).collect();
-            rng.shuffle(&mut order);
-        }
-        let fault = order.pop().unwrap_or(0);
+        let fault = deck.next(&mut rng).await;
         // After a PostgreSQL restart either tailer may have won the slot:
         // the faults below are meant for the one that holds it.
         if let Ok(client) = env.pg.connect(DB).await {
@@ -572,15 +592,10 @@ async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
     let mut resends = Resends::default();
     let mut recoveries: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
     let started = Instant::now();
-    let mut order: Vec<usize> = Vec::new();
+    let mut deck = Deck::new(CLUSTER_FAULTS.len());
 
     for round in 0..rounds {
-        tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
-        if order.is_empty() {
-            order = (0..CLUSTER_FAULTS.len()).collect();
-            rng.shuffle(&mut order);
-        }
-        let fault = order.pop().unwrap_or(0);
+        let fault = deck.next(&mut rng).await;
         if let Ok(client) = env.pg.connect(DB).await {
             if !holds_slot(&client, &active.tailer).await
                 && holds_slot(&client, &standby.tailer).await
