@@ -127,13 +127,7 @@ async fn assert_exactly_once_in_order(env: &ClusterEnv) -> usize {
     let db = env.pg.connect(DB).await.unwrap();
     let js = env.js().await;
     assert_every_row_published_once(&db, &js, STREAM, Duration::from_secs(120)).await;
-    let rows: HashSet<String> = db
-        .query("SELECT id::text FROM event_outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = table_ids(&db).await;
     let messages = read_stream(&js, STREAM).await;
     let mut seen = HashSet::new();
     for m in &messages {

@@ -45,17 +45,7 @@ pub async fn scrape(port: u16) -> String {
         .1
 }
 
-/// Rows of the new primary by id (as text), and every event id in the
-/// stream with how often it is stored.
-pub async fn table_ids(db: &Client) -> HashSet<String> {
-    db.query("SELECT id::text FROM event_outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
+/// Every event id in the stream, with how often it is stored.
 pub async fn stream_ids(env: &Env) -> HashMap<String, u32> {
     let mut seen = HashMap::new();
     for message in read_stream(&env.js().await, STREAM).await {

@@ -669,13 +669,7 @@ async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         (pending, _, failed) = status_counts(&db).await;
     }
-    let rows: HashSet<String> = db
-        .query("SELECT id::text FROM event_outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = table_ids(&db).await;
     // The last acks may still be replicating: wait (bounded) for the count.
     let deadline = Instant::now() + Duration::from_secs(60);
     while stream_count(&js, STREAM).await < rows.len() as u64 && Instant::now() < deadline {

@@ -370,6 +370,16 @@ pub async fn insert_undecodable(db: &Client) -> Result<(), tokio_postgres::Error
     .await
 }
 
+/// Every row's id, as text.
+pub async fn table_ids(db: &Client) -> std::collections::HashSet<String> {
+    db.query("SELECT id::text FROM event_outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Waits until the outbox's (pending, published, failed) counts are
 /// `counts`, then asserts the stream holds `published` messages.
 pub async fn wait_settled(db: &Client, js: &jetstream::Context, counts: (i64, i64, i64)) {
