@@ -3,7 +3,7 @@
 //! `status = 'failed'` for a dead letter. What a failure does is decided in
 //! `publish::policy`; this is its SQL.
 
-use crate::publish::policy::Verdict;
+use crate::publish::policy::{verdict, Failure, Verdict};
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
@@ -64,4 +64,21 @@ async fn write(
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// Records that the row of `id` cannot become a message (`cause`: a NULL
+/// the contract has no room for, after a schema change): a dead letter at
+/// once, with the reason, logged. Returns as [`record`] does; the stream and
+/// the sweeper both fail such a row this way.
+pub(crate) async fn record_unpublishable(
+    db: &impl GenericClient,
+    id: Uuid,
+    cause: &(dyn std::fmt::Display + Sync),
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    let reason = format!("cannot publish: {cause}");
+    let dead = record(db, id, &reason, verdict(Failure::Permanent, 0, 0)).await?;
+    if dead == Some(true) {
+        tracing::warn!(%id, error = %reason, "event failed (dead letter); fix the row and `outbox-tailer requeue` retries it");
+    }
+    Ok(dead)
 }

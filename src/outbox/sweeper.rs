@@ -261,6 +261,7 @@ impl Sweeper {
             i128::from(cutoff + PG_EPOCH_UNIX_MICROS) * 1000,
         )
         .map_err(|e| SweepError::Internal(e.to_string()))?;
+        let mut marker: Option<Marker> = None;
         loop {
             // Nothing due (nearly always): the stream is not interrupted.
             if !db
@@ -300,19 +301,21 @@ impl Sweeper {
                     // change): it fails alone, as the stream fails it.
                     Err(error) => {
                         let id = r.try_get(0)?;
-                        let reason = format!("cannot publish: {error}");
-                        let dead = verdict(Failure::Permanent, 0, 0);
-                        if attempts::record(&tx, id, &reason, dead).await? == Some(true) {
+                        if attempts::record_unpublishable(&tx, id, &error).await? == Some(true) {
                             swept.dead += 1;
-                            tracing::warn!(%id, error = %reason, "event failed (dead letter); fix the row and `outbox-tailer requeue` retries it");
                         }
                     }
                 }
             }
             let settled = self.publish(&tx, batch, &mut swept).await?;
-            // The stream's mark path: the same statement, `event_logs` too.
-            let marker = Marker::prepare(&tx, self.event_logs).await?;
-            marker.mark(&tx, &settled.acked, &[]).await?;
+            // The stream's mark path: the same statement, `event_logs` too
+            // (prepared once a sweep, on the first batch).
+            let prepared = match marker.take() {
+                Some(prepared) => prepared,
+                None => Marker::prepare(&tx, self.event_logs).await?,
+            };
+            prepared.mark(&tx, &settled.acked, &[]).await?;
+            marker = Some(prepared);
             tx.commit().await?;
             swept.published += settled.acked.len() as u64;
             if settled.stalled {

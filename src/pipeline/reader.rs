@@ -11,7 +11,6 @@ use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::{parse_utc_micros, Boundary};
 use crate::outbox::{attempts, visibility};
 use crate::pgtime::seconds_since;
-use crate::publish::policy::{verdict, Failure};
 use crate::replication::pgoutput::{DecodeError, Decoder};
 use pgwire_replication::{Lsn, ReplicationEvent};
 use std::collections::VecDeque;
@@ -218,26 +217,20 @@ impl Reader {
     /// with the reason, and the stream goes on. Its row may not be visible
     /// yet (see `outbox::visibility`): then it is waited for.
     async fn unpublishable(&mut self, id: Uuid, cause: &DecodeError) -> Result<(), Error> {
-        let reason = format!("cannot publish: {cause}");
-        let dead = verdict(Failure::Permanent, 0, 0);
         let xid = self.open.map_or(0, |tx| tx.xid);
         let mut pause = std::time::Duration::from_millis(1);
-        loop {
-            if attempts::record(&*self.db, id, &reason, dead)
-                .await?
-                .is_some()
-            {
-                break;
-            }
-            // Not pending: settled already, gone, or not visible yet.
-            if visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
-                break;
+        let dead = loop {
+            let dead = attempts::record_unpublishable(&*self.db, id, cause).await?;
+            // None: not pending. Settled already, gone, or not visible yet.
+            if dead.is_some() || visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
+                break dead;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_millis(200));
+        };
+        if dead == Some(true) {
+            self.metrics.events_failed.inc();
         }
-        self.metrics.events_failed.inc();
-        tracing::warn!(%id, error = %reason, "event failed (dead letter); fix the row and `outbox-tailer requeue` retries it");
         Ok(())
     }
 
