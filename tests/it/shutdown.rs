@@ -81,10 +81,15 @@ async fn sigterm_as_a_standby_and_mid_transaction() {
     let db = env.db().await;
     let mut active = env.streaming(&db, &["run"]).await;
     let mut standby = env.tailer(&["run"]);
-    wait_for("the standby to wait", Duration::from_secs(30), || async {
-        standby.output().contains("standby").then_some(())
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !standby.output().contains("standby") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby never said it waits:\n{}",
+            standby.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stops_cleanly(&mut standby, "standby");
 
     // One transaction of 200,000 events: SIGTERM while it streams.
