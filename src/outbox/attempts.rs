@@ -29,8 +29,9 @@ pub(crate) async fn record(
 }
 
 /// As [`record`], but the row keeps its `next_retry_at`, so it keeps its
-/// place in the sweeper's order (`next_retry_at`, `created_at`): the sweeper
-/// tries it again first, at its next sweep, and nothing behind it overtakes it.
+/// place in the sweeper's order (`next_retry_at`, `created_at`, and among
+/// equal times a row with a `last_error` first): the sweeper tries it again
+/// first, at its next sweep, and nothing behind it overtakes it.
 pub(crate) async fn record_in_place(
     db: &impl GenericClient,
     id: Uuid,

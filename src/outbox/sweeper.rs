@@ -56,16 +56,25 @@ pub const PROBE_SQL: &str = concat!("SELECT EXISTS (SELECT 1 ", due_rows!(), ")"
 /// most 500 rows, not on the whole backlog. The order is total: rows of one
 /// transaction share their times, and then go in their physical order
 /// (`ctid`), which is the order they were inserted in unless the table
-/// reused space freed by a VACUUM.
+/// reused space freed by a VACUUM. One write moves a row out of that order:
+/// the failure recorded on the row a sweep stopped at
+/// ([`attempts::record_in_place`]) makes a new tuple version, after its
+/// neighbours. That row is the first of its transaction still pending, and
+/// the only one with a `last_error` (the rows before it are published, the
+/// rows behind it were never tried), so among equal times a row with a
+/// `last_error` goes first. (`requeue` rewrites all its rows, so requeued
+/// rows of one transaction keep no order but their times anyway.)
 const SWEEP_WHERE: &str = concat!(
     "FROM event_outbox WHERE id IN (SELECT id FROM (",
     "SELECT id, row_number() OVER w AS n, sum(size) OVER w AS upto FROM (",
-    "SELECT id, ctid AS tid, next_retry_at, created_at, octet_length(payload::text) AS size ",
+    "SELECT id, ctid AS tid, next_retry_at, created_at, last_error IS NULL AS untried, ",
+    "octet_length(payload::text) AS size ",
     due_rows!(),
-    " ORDER BY next_retry_at, created_at, ctid LIMIT 500) first ",
-    "WINDOW w AS (ORDER BY next_retry_at, created_at, tid)) sized WHERE n = 1 OR upto <= $2) ",
+    " ORDER BY next_retry_at, created_at, last_error IS NULL, ctid LIMIT 500) first ",
+    "WINDOW w AS (ORDER BY next_retry_at, created_at, untried, tid)) sized ",
+    "WHERE n = 1 OR upto <= $2) ",
     "AND status = 'pending' AND next_retry_at <= now() ",
-    "ORDER BY next_retry_at, created_at, ctid FOR UPDATE SKIP LOCKED"
+    "ORDER BY next_retry_at, created_at, last_error IS NULL, ctid FOR UPDATE SKIP LOCKED"
 );
 /// The server's time, then its WAL insert position (read in that order:
 /// every commit before the time was inserted before the position), and

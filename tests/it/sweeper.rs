@@ -303,6 +303,59 @@ async fn a_nats_outage_mid_sweep_keeps_order_and_publishes_once() {
     assert_eq!(order_breaks(&messages), Vec::<String>::new());
 }
 
+/// A sweep that stops inside a transaction (here the stream fills up after
+/// 25 of its 60 rows) records the failure on the row it stopped at. That
+/// write moves the row physically (a new tuple version after its
+/// neighbours); once the limit is lifted it must still go first, before
+/// the rest of its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_stopped_inside_a_transaction_resumes_in_order() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let js = env.js().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["events.>".into()],
+        max_messages: 25,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    insert_events(&db, "stopped", 0, 60).await;
+    let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    let stopped_at: String = wait_for(
+        "the failure recorded where the sweep stopped",
+        Duration::from_secs(60),
+        || async {
+            db.query_opt(
+                "SELECT payload->>'n' FROM event_outbox \
+                 WHERE status = 'pending' AND last_error IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0))
+        },
+    )
+    .await;
+    assert_eq!(stopped_at, "25", "the first row the stream refused");
+    let mut config = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_messages = -1;
+    js.update_stream(config).await.unwrap();
+    wait_all_published(&db, &js, STREAM, 60, Duration::from_secs(60)).await;
+    let messages = read_stream(&js, STREAM).await;
+    assert_eq!(messages.len(), 60);
+    assert_eq!(order_breaks(&messages), Vec::<String>::new());
+}
+
 /// A pending row that cannot become a message (a NULL after a schema
 /// change) fails alone in the sweeper, as in the stream; it used to fail
 /// every sweep, and catch-up stopped behind it.
