@@ -22,21 +22,13 @@ use uuid::Uuid;
 /// Replayed rows checked against the table in one query, across
 /// transactions (a catch-up after downtime is mostly small transactions).
 const REPLAY_CHUNK: usize = 2000;
-/// Items held back for the check at most, rows and positions together.
-const HELD_BACK_MAX: usize = 2 * REPLAY_CHUNK;
 
-/// An item held back behind replayed rows until they are checked: positions
-/// too, since a position must not overtake the rows before it. Nearly every
-/// item is a row, so boxing it would only add an allocation per row.
-#[allow(clippy::large_enum_variant)]
-enum HeldBack {
-    Row {
-        row: OutboxRow,
-        held: Held,
-        xid: u32,
-        committed_at: i64,
-    },
-    Confirm(Lsn),
+/// A replayed row held back until it is checked.
+struct HeldBack {
+    row: OutboxRow,
+    held: Held,
+    xid: u32,
+    committed_at: i64,
 }
 
 pub(super) struct Reader {
@@ -46,11 +38,12 @@ pub(super) struct Reader {
     replay: ReplayCheck,
     /// The open transaction, if any.
     open: Option<OpenTransaction>,
-    /// Replayed rows waiting for their status check, and the positions
-    /// behind them, in stream order.
+    /// Replayed rows waiting for their status check, in stream order.
     held_back: Vec<HeldBack>,
-    /// Rows among `held_back`.
-    held_back_rows: usize,
+    /// The newest position behind them: it must not overtake them, and one
+    /// position sent after the chunk confirms what the positions in between
+    /// would have (a transaction's end each, in a catch-up of small ones).
+    held_position: Option<Lsn>,
     /// Payload bytes between here and settling are capped.
     budget: Budget,
     /// For dead-lettering an event that cannot be decoded into a message.
@@ -80,7 +73,7 @@ impl Reader {
             replay,
             open: None,
             held_back: Vec::new(),
-            held_back_rows: 0,
+            held_position: None,
             budget,
             db,
             last_confirm: Lsn::ZERO,
@@ -163,14 +156,13 @@ impl Reader {
                 if self.must_check(&row) {
                     let (committed_at, xid) =
                         self.open.map_or((0, 0), |tx| (tx.committed_at, tx.xid));
-                    self.held_back.push(HeldBack::Row {
+                    self.held_back.push(HeldBack {
                         row,
                         held,
                         xid,
                         committed_at,
                     });
-                    self.held_back_rows += 1;
-                    if self.held_back_rows >= REPLAY_CHUNK {
+                    if self.held_back.len() >= REPLAY_CHUNK {
                         self.publish_replayed().await?;
                     }
                     Ok(())
@@ -262,23 +254,16 @@ impl Reader {
     }
 
     /// Publishes the held-back rows of replayed transactions, except those
-    /// an earlier run already published (or dead-lettered), and the
-    /// positions behind them, in order. Once the replay is over this is never
-    /// reached: the check costs nothing on the live path. The publisher
-    /// works through the previous chunk meanwhile.
+    /// an earlier run already published (or dead-lettered), then the newest
+    /// position behind them. Once the replay is over this is never reached:
+    /// the check costs nothing on the live path. The publisher works through
+    /// the previous chunk meanwhile.
     pub(super) async fn publish_replayed(&mut self) -> Result<(), Error> {
         if self.held_back.is_empty() {
             return Ok(());
         }
         let held_back = std::mem::take(&mut self.held_back);
-        self.held_back_rows = 0;
-        let rows: Vec<(Uuid, u32)> = held_back
-            .iter()
-            .filter_map(|item| match item {
-                HeldBack::Row { row, xid, .. } => Some((row.id, *xid)),
-                HeldBack::Confirm(_) => None,
-            })
-            .collect();
+        let rows: Vec<(Uuid, u32)> = held_back.iter().map(|h| (h.row.id, h.xid)).collect();
         let outcome = self.replay.check(&rows).await?;
         if outcome.settled + outcome.deleted > 0 {
             self.metrics
@@ -290,26 +275,29 @@ impl Reader {
                 "replay: rows already published (or since deleted) are not published again"
             );
         }
-        for item in held_back {
-            let item = match item {
-                // Rows skipped return their share of the budget as `held` drops.
-                HeldBack::Row { row, .. } if outcome.skip.contains(&row.id) => continue,
-                HeldBack::Row {
-                    row,
-                    held,
-                    xid,
-                    committed_at,
-                } => Item::Event {
-                    row,
-                    committed_at,
-                    xid,
-                    held,
-                },
-                HeldBack::Confirm(lsn) => Item::Confirm(lsn),
-            };
-            self.send(item).await?;
+        for HeldBack {
+            row,
+            held,
+            xid,
+            committed_at,
+        } in held_back
+        {
+            // Rows skipped return their share of the budget as `held` drops.
+            if outcome.skip.contains(&row.id) {
+                continue;
+            }
+            self.send(Item::Event {
+                row,
+                committed_at,
+                xid,
+                held,
+            })
+            .await?;
         }
-        Ok(())
+        match self.held_position.take() {
+            Some(lsn) => self.send(Item::Confirm(lsn)).await,
+            None => Ok(()),
+        }
     }
 
     async fn confirm(&mut self, lsn: Lsn) -> Result<(), Error> {
@@ -320,10 +308,7 @@ impl Reader {
         if self.held_back.is_empty() {
             return self.send(Item::Confirm(lsn)).await;
         }
-        self.held_back.push(HeldBack::Confirm(lsn));
-        if self.held_back.len() >= HELD_BACK_MAX {
-            self.publish_replayed().await?;
-        }
+        self.held_position = Some(lsn);
         Ok(())
     }
 }
