@@ -408,9 +408,24 @@ impl Bench<'_> {
             .get(0))
     }
 
+    /// Whether any row is pending: an index probe that stops at the first
+    /// one. (Polled every 20 ms, a `count(*)` ran as a parallel scan of the
+    /// whole table and cost the servers about a quarter of a core, inside
+    /// the measured span.)
+    async fn any_pending(&self) -> Result<bool> {
+        Ok(self
+            .db
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM event_outbox WHERE status = 'pending')",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
     async fn wait_drained(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        while self.pending().await? > 0 {
+        while self.any_pending().await? {
             if Instant::now() > deadline {
                 return Err("timed out waiting for the outbox to drain".into());
             }
@@ -457,6 +472,7 @@ impl Bench<'_> {
         let elapsed = started.elapsed().as_secs_f64();
         let usage = process.usage();
         let servers = self.servers_cpu() - servers_before;
+        let walsender = walsender_cpu(&self.db).await?;
         process.stop();
         // The machine's bound for this work: all cores busy at the CPU cost
         // of one event (PostgreSQL's backends and walsender, nats-server and
@@ -472,7 +488,11 @@ impl Bench<'_> {
             latency: None,
             usage,
             note: format!(
-                "{elapsed:.1} s; servers {servers:.2} cpu s; bound {bound:.0}/s, drain = {:.2} of it",
+                "{elapsed:.1} s; servers {servers:.2} cpu s{}; bound {bound:.0}/s, drain = {:.2} of it",
+                walsender.map_or(String::new(), |cpu| format!(
+                    " (walsender {cpu:.2}: busy {:.0}%)",
+                    100.0 * cpu / elapsed
+                )),
                 rate / bound
             ),
         })
@@ -681,7 +701,7 @@ impl Bench<'_> {
         );
         let started = Instant::now();
         let mut peak_sampled = 0;
-        while self.pending().await? > 0 {
+        while self.any_pending().await? {
             peak_sampled = peak_sampled.max(process.rss());
             tokio::time::sleep(Duration::from_millis(50)).await;
             if started.elapsed() > Duration::from_secs(600) {
@@ -938,6 +958,24 @@ async fn wait_slot_active(db: &Client, active: bool) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// CPU seconds of the walsender streaming the tailer's slot (started with
+/// the phase's publisher, so all of it is the phase's); None without one.
+/// One process decodes the whole slot: busy near 100% it is the limit,
+/// whatever the other core does.
+async fn walsender_cpu(db: &Client) -> Result<Option<f64>> {
+    let pid: Option<i32> = db
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots \
+             WHERE slot_name = 'event_outbox_tailer' AND active",
+            &[],
+        )
+        .await?
+        .and_then(|row| row.get(0));
+    Ok(pid
+        .and_then(|pid| u32::try_from(pid).ok())
+        .map(|pid| procfs::usage(pid).cpu_seconds))
 }
 
 async fn pg_version(db: &Client) -> Result<String> {
