@@ -141,6 +141,8 @@ struct Opened {
     db: Arc<Client>,
     marker: Arc<Marker>,
     stream: ReplicationClient,
+    /// The reader's session (replay checks, dead letters it decodes).
+    checks: Arc<Client>,
     /// Transactions that committed before this point may have been published
     /// by an earlier run (a replay): their rows are checked before publishing.
     horizon: Lsn,
@@ -167,10 +169,22 @@ impl Opened {
         // Before the stream confirms anything on this server.
         sweep.streaming_from(server);
         report_server(config, metrics, primary.observe(server), slot);
+        // The reader's own session: its checks do not queue behind a
+        // marking commit (which waits for the WAL flush), nor the marks
+        // behind its checks. On the same server, or none.
+        let checks = setup::connect_to(config, &endpoint)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        if timeline::query(&checks).await? != server {
+            return Err(Error::Unavailable(format!(
+                "a second session to {endpoint} reached another server than the first: the primary is changing"
+            )));
+        }
         let horizon = current_wal_lsn(&db).await?;
         tracing::info!(slot = %config.slot, server = %endpoint, timeline = server.timeline, replay_horizon = %horizon, "streaming");
         Ok(Opened {
             db,
+            checks: Arc::new(checks),
             marker,
             stream,
             horizon,
@@ -213,6 +227,7 @@ async fn stream_until_done(
 ) -> Result<Drained, Error> {
     let Opened {
         db,
+        checks,
         marker,
         mut stream,
         horizon,
@@ -236,13 +251,13 @@ async fn stream_until_done(
         confirmed_tx,
         metrics.clone(),
     ));
-    let replay = ReplayCheck::prepare(db.clone(), horizon).await?;
+    let replay = ReplayCheck::prepare(checks.clone(), horizon).await?;
     let budget = Budget::new(config.max_in_flight_bytes);
     let mut reader = Reader::new(
         items_tx,
         replay,
         budget,
-        db.clone(),
+        checks,
         sweep.clone(),
         metrics.clone(),
     );

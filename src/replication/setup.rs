@@ -78,6 +78,16 @@ pub(crate) async fn connect_endpoint(config: &Config) -> Result<(Client, Endpoin
     })
 }
 
+/// Another query session on `endpoint`, a server [`connect_endpoint`] found.
+pub(crate) async fn connect_to(config: &Config, endpoint: &Endpoint) -> Result<Client, SetupError> {
+    connect_one(config, hosts::only(&config.database, endpoint))
+        .await
+        .map_err(|reason| SetupError::Unreachable {
+            target: endpoint.to_string(),
+            reason,
+        })
+}
+
 /// One server: the client, or why it could not be had.
 async fn connect_one(config: &Config, mut pg: tokio_postgres::Config) -> Result<Client, String> {
     if pg.get_connect_timeout().is_none() {
