@@ -119,22 +119,14 @@ async fn options(
     Ok(options)
 }
 
-/// How long a publish waits for its ack. A healthy server, a cluster's
-/// quorum included, acks within milliseconds; the timeout only ends the wait
-/// for a publish the server lost (a stream leader killed with it in hand),
-/// and a shorter one brings the re-send sooner: after a leader's kill -9 the
-/// stall is the election, not a 10 s wait behind it. A late ack costs one
-/// re-send, which the duplicate window drops.
-const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a JetStream API request (stream info, create) may take; a
-/// cluster re-electing its meta leader answers within seconds.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish waits for its ack.
+pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Acks awaited at once: a window re-sent after a failure (see the
 /// publisher) need not wait for the acks of the copies it replaced.
 pub(crate) fn context(client: async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
-        .timeout(REQUEST_TIMEOUT)
+        .timeout(ACK_TIMEOUT)
         .ack_timeout(ACK_TIMEOUT)
         .max_ack_inflight(2 * PUBLISH_WINDOW)
         .backpressure_on_inflight(true)
