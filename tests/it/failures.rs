@@ -3,7 +3,6 @@
 //! take fails alone, at once, and holds nothing back.
 
 use crate::common::*;
-use async_nats::jetstream::stream;
 use outbox_testkit::free_port;
 use std::time::Duration;
 
@@ -13,16 +12,7 @@ async fn a_full_stream_stalls_publishing_fails_nothing_and_resumes_when_lifted()
     let db = env.db().await;
     let js = env.js().await;
     // The operator's stream, created beforehand: 50 messages, then refuse.
-    js.create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["events.>".into()],
-        max_messages: 50,
-        discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_full_stream(&js, 50).await;
     let port = free_port().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let _tailer = env
@@ -68,15 +58,7 @@ async fn a_full_stream_stalls_publishing_fails_nothing_and_resumes_when_lifted()
     assert_eq!(stream_count(&js, STREAM).await, 50);
 
     // The operator lifts the limit: publishing resumes by itself, in order.
-    let mut config = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
-    config.max_messages = -1;
-    js.update_stream(config).await.unwrap();
+    lift_stream_limit(&js).await;
     wait_all_published(&db, &js, STREAM, 120, Duration::from_secs(60)).await;
     assert_eq!(stream_count(&js, STREAM).await, 120);
     let breaks = order_breaks(&read_stream(&js, STREAM).await);

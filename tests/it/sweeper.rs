@@ -313,16 +313,7 @@ async fn a_sweep_stopped_inside_a_transaction_resumes_in_order() {
     let env = Env::start().await;
     let db = env.db().await;
     let js = env.js().await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["events.>".into()],
-        max_messages: 25,
-        discard: async_nats::jetstream::stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_full_stream(&js, 25).await;
     insert_events(&db, "stopped", 0, 60).await;
     let _tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
     let stopped_at: String = wait_for(
@@ -341,15 +332,7 @@ async fn a_sweep_stopped_inside_a_transaction_resumes_in_order() {
     )
     .await;
     assert_eq!(stopped_at, "25", "the first row the stream refused");
-    let mut config = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
-    config.max_messages = -1;
-    js.update_stream(config).await.unwrap();
+    lift_stream_limit(&js).await;
     wait_all_published(&db, &js, STREAM, 60, Duration::from_secs(60)).await;
     let messages = read_stream(&js, STREAM).await;
     assert_eq!(messages.len(), 60);

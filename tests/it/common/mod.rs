@@ -460,3 +460,31 @@ pub fn order_breaks(messages: &[jetstream::message::StreamMessage]) -> Vec<Strin
     }
     breaks
 }
+
+/// The operator's stream, created before the tailer: it takes `max_messages`
+/// and then refuses more (discard `new`).
+pub async fn create_full_stream(js: &jetstream::Context, max_messages: i64) {
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["events.>".into()],
+        max_messages,
+        discard: jetstream::stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// The operator lifts the stream's message limit.
+pub async fn lift_stream_limit(js: &jetstream::Context) {
+    let mut config = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_messages = -1;
+    js.update_stream(config).await.unwrap();
+}
