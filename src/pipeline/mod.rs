@@ -16,6 +16,7 @@
 //! the slot's confirmed position and re-delivers the rest.
 
 pub(crate) mod budget;
+mod marking;
 mod publisher;
 mod reader;
 pub(crate) mod window;
@@ -29,12 +30,14 @@ use crate::outbox::replay::ReplayCheck;
 use crate::outbox::sweeper::Boundary;
 use crate::publish::chain::Chain;
 use crate::publish::turn::PublishTurn;
+use crate::replication::hosts::Endpoint;
 use crate::replication::progress::Progress;
 use crate::replication::setup::Slot;
-use crate::replication::timeline::{self, Change, PrimaryWatch};
+use crate::replication::timeline::{self, Change, PrimaryWatch, ServerId};
 use crate::replication::{setup, source};
 use crate::shutdown::Shutdown;
 use budget::{Budget, Held};
+use marking::{mark_batches, Marking, MARKING_SESSIONS};
 use pgwire_replication::{Lsn, ReplicationClient};
 use publisher::Publisher;
 use reader::Reader;
@@ -138,8 +141,8 @@ pub(crate) async fn run_session(
 
 /// What a session works with once the slot is held.
 struct Opened {
-    db: Arc<Client>,
-    marker: Arc<Marker>,
+    /// The first of them also records the publisher's failed attempts.
+    marking: Vec<Arc<Marking>>,
     stream: ReplicationClient,
     /// The reader's session (replay checks, dead letters it decodes).
     checks: Arc<Client>,
@@ -161,35 +164,55 @@ impl Opened {
         let (db, endpoint) = setup::connect_endpoint(config)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        let db = Arc::new(db);
         let server = timeline::query(&db).await?;
-        let marker = Arc::new(Marker::prepare(&*db, config.event_logs).await?);
-        let slot = setup::ensure_slot(&db, &config.slot, config.slot_failover).await?;
+        let marker = Marker::prepare(&db, config.event_logs).await?;
+        let mut marking = vec![Arc::new(Marking {
+            db: Arc::new(db),
+            marker,
+        })];
+        let slot = setup::ensure_slot(&marking[0].db, &config.slot, config.slot_failover).await?;
         let stream = source::open(config, &endpoint, server).await?;
         // Before the stream confirms anything on this server.
         sweep.streaming_from(server);
         report_server(config, metrics, primary.observe(server), slot);
+        while marking.len() < MARKING_SESSIONS {
+            let db = another_session(config, &endpoint, server).await?;
+            let marker = Marker::prepare(&db, config.event_logs).await?;
+            marking.push(Arc::new(Marking {
+                db: Arc::new(db),
+                marker,
+            }));
+        }
         // The reader's own session: its checks do not queue behind a
         // marking commit (which waits for the WAL flush), nor the marks
-        // behind its checks. On the same server, or none.
-        let checks = setup::connect_to(config, &endpoint)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        if timeline::query(&checks).await? != server {
-            return Err(Error::Unavailable(format!(
-                "a second session to {endpoint} reached another server than the first: the primary is changing"
-            )));
-        }
-        let horizon = current_wal_lsn(&db).await?;
+        // behind its checks.
+        let checks = another_session(config, &endpoint, server).await?;
+        let horizon = current_wal_lsn(&checks).await?;
         tracing::info!(slot = %config.slot, server = %endpoint, timeline = server.timeline, replay_horizon = %horizon, "streaming");
         Ok(Opened {
-            db,
+            marking,
             checks: Arc::new(checks),
-            marker,
             stream,
             horizon,
         })
     }
+}
+
+/// One more session to the server the first one reached, or none.
+async fn another_session(
+    config: &Config,
+    endpoint: &Endpoint,
+    server: ServerId,
+) -> Result<Client, Error> {
+    let client = setup::connect_to(config, endpoint)
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    if timeline::query(&client).await? != server {
+        return Err(Error::Unavailable(format!(
+            "another session to {endpoint} reached another server than the first: the primary is changing"
+        )));
+    }
+    Ok(client)
 }
 
 /// Says when the session streams from another primary than the last one.
@@ -226,9 +249,8 @@ async fn stream_until_done(
     opened: Opened,
 ) -> Result<Drained, Error> {
     let Opened {
-        db,
+        marking: sessions,
         checks,
-        marker,
         mut stream,
         horizon,
     } = opened;
@@ -237,7 +259,7 @@ async fn stream_until_done(
     let (confirmed_tx, mut confirmed_rx) = watch::channel(Lsn::ZERO);
     let publisher = Publisher::new(
         Chain::new(nats.js.clone(), config.subject_prefix.clone()),
-        db.clone(),
+        sessions[0].db.clone(),
         config.max_retries,
         metrics.clone(),
         nats.turn.clone(),
@@ -245,8 +267,7 @@ async fn stream_until_done(
     );
     let mut publishing = tokio::spawn(publisher.run(items_rx, batch_tx));
     let mut marking = tokio::spawn(mark_batches(
-        db.clone(),
-        marker,
+        sessions,
         batch_rx,
         confirmed_tx,
         metrics.clone(),
@@ -338,34 +359,6 @@ async fn stream_until_done(
     Ok(Drained {
         confirmed: progress.confirmed(),
     })
-}
-
-/// The marker stage: marks each batch, then publishes its confirm position.
-async fn mark_batches(
-    db: Arc<Client>,
-    marker: Arc<Marker>,
-    mut batches: mpsc::Receiver<Batch>,
-    confirmed: watch::Sender<Lsn>,
-    metrics: Arc<Metrics>,
-) -> Result<(), Error> {
-    while let Some(batch) = batches.recv().await {
-        if !batch.ids.is_empty() {
-            metrics.mark_batch_size.observe(batch.ids.len() as f64);
-            let outcome = marker.mark(&*db, &batch.ids, &batch.xids).await?;
-            if outcome.waited_invisible {
-                metrics.mark_invisible_waits.inc();
-            }
-            metrics.mark_retries.inc_by(outcome.retries as u64);
-            metrics.marked_vanished.inc_by(outcome.vanished as u64);
-            if outcome.retries > 0 || outcome.vanished > 0 {
-                tracing::debug!(?outcome, "marking needed retries");
-            }
-        }
-        if let Some(lsn) = batch.confirm {
-            confirmed.send_replace(lsn);
-        }
-    }
-    Ok(())
 }
 
 /// Logs the state changes of the lag: once when it passes [`LagWatch::LAGGING`]
