@@ -117,8 +117,15 @@ async fn sigterm_as_a_standby_and_mid_transaction() {
         published < 200_000,
         "stopped mid-transaction ({published} marked)"
     );
+    let restarted_at = std::time::Instant::now();
     let _restarted = env.streaming(&db, &["run"]).await;
-    assert_every_row_published_once(&db, &js, STREAM, Duration::from_secs(120)).await;
+    // A debug build replays the rest at 1,500 events/s on two busy cores
+    // (CI ran it beside the prune test and timed out at 120 s, progressing).
+    assert_every_row_published_once(&db, &js, STREAM, Duration::from_secs(300)).await;
+    eprintln!(
+        "[mid-transaction] {published} marked at the stop; the rest done {:.1?} after the restart",
+        restarted_at.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,14 +224,31 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    wait_for_seen(what, timeout, || {
+        let checked = check();
+        async move { checked.await.ok_or_else(String::new) }
+    })
+    .await
+}
+
+/// Like [`wait_for`], but `check` says what it saw when it is not there
+/// yet, and the timeout names the last of it: a stall reads differently from
+/// a slow machine.
+pub async fn wait_for_seen<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(value) = check().await {
-            return value;
-        }
+        let seen = match check().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}{}{seen}",
+            if seen.is_empty() { "" } else { "; last seen: " }
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -298,8 +315,17 @@ pub async fn read_stream(
     if state.messages == 0 {
         return messages;
     }
+    let s = &s;
     for seq in state.first_sequence..=state.last_sequence {
-        messages.push(s.get_raw_message(seq).await.unwrap());
+        // Right after a cluster fault a direct get can meet "JetStream system
+        // temporarily unavailable" (503) while every replica reports current.
+        let message = wait_for_seen(
+            &format!("message {seq} of {stream}"),
+            Duration::from_secs(30),
+            || async move { s.get_raw_message(seq).await.map_err(|e| e.to_string()) },
+        )
+        .await;
+        messages.push(message);
     }
     messages
 }
@@ -325,13 +351,19 @@ pub async fn wait_all_published(
     expected: u64,
     timeout: Duration,
 ) {
-    wait_for(
+    wait_for_seen(
         &format!("{expected} events published and marked"),
         timeout,
         || async {
-            let (pending, published, _) = status_counts(db).await;
+            let (pending, published, failed) = status_counts(db).await;
             let in_stream = stream_count(js, stream).await;
-            (pending == 0 && published as u64 == expected && in_stream >= expected).then_some(())
+            if pending == 0 && published as u64 == expected && in_stream >= expected {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{pending} pending, {published} published, {failed} failed, {in_stream} in the stream"
+                ))
+            }
         },
     )
     .await
