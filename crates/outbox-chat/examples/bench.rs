@@ -75,7 +75,9 @@ struct Args {
     #[arg(long, default_value = "on")]
     fsync: String,
     /// Also run the tailer with TLS on both connections (PostgreSQL
-    /// verify-full, NATS tls:// with a CA), beside the plaintext one.
+    /// verify-full, NATS tls:// with a CA), beside the plain one (whose
+    /// PostgreSQL sessions still negotiate TLS unverified: no sslmode in its
+    /// URL means prefer, and the server offers TLS).
     #[arg(long)]
     tls: bool,
     /// More PostgreSQL settings, `name=value` (repeatable).
