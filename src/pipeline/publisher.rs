@@ -310,6 +310,14 @@ impl Publisher {
     }
 }
 
+/// A session that ends (or is aborted) with publishes in flight takes its
+/// share of the gauge with it; the next session's publisher starts from 0.
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.metrics.in_flight.sub(self.window.in_flight() as i64);
+    }
+}
+
 /// The ack of the oldest event in the window; never completes while the
 /// window holds none.
 async fn front_ack(window: &mut Window<AckFuture>) -> Result<PublishAck, PublishError> {

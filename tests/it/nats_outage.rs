@@ -7,7 +7,7 @@
 
 use crate::common::proxy::CuttingProxy;
 use crate::common::*;
-use outbox_testkit::{free_port, NatsServer};
+use outbox_testkit::{free_port, NatsServer, StopMode};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,6 +70,66 @@ async fn a_nats_outage_under_load_is_retried_and_loses_nothing() {
         "retries are counted"
     );
     assert_eq!(http_get(&format!("{base}/readyz")).await.0, 200);
+}
+
+/// A session that ends with publishes in flight (PostgreSQL restarted while
+/// NATS is down) takes its share of `outbox_publish_in_flight` with it: the
+/// gauge is 0 again once everything is published, not stuck at what the
+/// aborted session had sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_mid_outage_leaves_no_publishes_in_flight_behind() {
+    let mut env = Env::start().await;
+    let db = env.db().await;
+    let port = free_port().unwrap();
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let _tailer = env
+        .streaming(
+            &db,
+            &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+        )
+        .await;
+    env.nats.stop(true);
+    let load = Load::start(
+        &env.url,
+        LoadOptions::new("aborted").pause(Duration::from_millis(5)),
+    );
+    let in_flight = || async {
+        let (_, scrape) = http_get(&metrics).await;
+        metric_sum(&scrape, "outbox_publish_in_flight")
+    };
+    wait_for_seen(
+        "publishes in flight while NATS is down",
+        Duration::from_secs(30),
+        || async {
+            let n = in_flight().await;
+            if n > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} in flight"))
+            }
+        },
+    )
+    .await;
+    load.stop().await;
+    env.pg.restart(StopMode::Fast).unwrap();
+    env.nats.start_again().unwrap();
+
+    let db = env.db().await;
+    let js = env.js().await;
+    assert_every_row_published_once(&db, &js, STREAM, Duration::from_secs(120)).await;
+    wait_for_seen(
+        "no publishes in flight once all are acked",
+        Duration::from_secs(10),
+        || async {
+            let n = in_flight().await;
+            if n == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} in flight"))
+            }
+        },
+    )
+    .await;
 }
 
 /// The overtaking a broken connection invites: publishes written just before
