@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::replication::hosts::Endpoint;
 use crate::replication::timeline::{self, ServerId};
-use crate::tls::postgres::{replication_bridge, PgTlsError, SslMode};
+use crate::tls::postgres::{replication_bridge, BridgeAddr, PgTlsError, SslMode};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
 use std::time::Duration;
 use tokio_postgres::config::Host;
@@ -20,12 +20,12 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// The session pins `DateStyle=ISO` and `TimeZone=UTC`, so timestamps in the
 /// stream are `2026-11-26 18:28:37.123456+00` whatever the server's defaults
 /// (they become RFC 3339 headers).
-/// `bridge`: the loopback address that forwards to the server over TLS,
+/// `bridge`: the local address that forwards to the server over TLS,
 /// when TLS is in use (see `tls::postgres`).
 pub(crate) fn replication_config(
     config: &Config,
     server: &Endpoint,
-    bridge: Option<std::net::SocketAddr>,
+    bridge: Option<BridgeAddr>,
 ) -> ReplicationConfig {
     let pg = &config.database;
     let port = server.port;
@@ -38,32 +38,36 @@ pub(crate) fn replication_config(
         .get_dbname()
         .map(str::to_owned)
         .unwrap_or_else(|| user.clone());
-    let base = match &server.host {
-        Host::Unix(dir) => ReplicationConfig::unix(
+    let unix = |dir: &std::path::Path, port| {
+        ReplicationConfig::unix(
             dir.display().to_string(),
             port,
-            user,
-            password,
-            database,
+            user.clone(),
+            password.clone(),
+            database.clone(),
             config.slot.clone(),
             config.publication.clone(),
+        )
+    };
+    let tcp = |host: String, port| {
+        ReplicationConfig::new(
+            host,
+            user.clone(),
+            password.clone(),
+            database.clone(),
+            config.slot.clone(),
+            config.publication.clone(),
+        )
+        .with_port(port)
+    };
+    let base = match (&server.host, bridge) {
+        (Host::Unix(dir), _) => unix(dir, port),
+        (Host::Tcp(_), Some(BridgeAddr::Unix { dir, port })) => unix(&dir, port),
+        (Host::Tcp(_), Some(BridgeAddr::Tcp(local))) => tcp(local.ip().to_string(), local.port()),
+        (Host::Tcp(_), None) => tcp(
+            server.dial().unwrap_or_else(|| "localhost".to_owned()),
+            port,
         ),
-        Host::Tcp(_) => {
-            let (host, port) = match (bridge, server.dial()) {
-                (Some(local), _) => (local.ip().to_string(), local.port()),
-                (None, Some(host)) => (host, port),
-                (None, None) => ("localhost".to_owned(), port),
-            };
-            ReplicationConfig::new(
-                host,
-                user,
-                password,
-                database,
-                config.slot.clone(),
-                config.publication.clone(),
-            )
-            .with_port(port)
-        }
     };
     base.with_tls(TlsConfig::disabled())
         .with_start_lsn(Lsn::ZERO)

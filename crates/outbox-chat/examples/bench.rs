@@ -122,7 +122,9 @@ async fn main() -> Result<()> {
         pg = pg.setting(name, value);
     }
     let pg = pg.start()?;
-    // TLS offered, not required: the plaintext publishers stay plaintext.
+    // TLS offered, not required: a NATS URL without tls:// stays plaintext,
+    // while PostgreSQL URLs without sslmode negotiate it (prefer), as they
+    // would against a production server that offers TLS.
     let nats_conf = certs.dir().join("nats.conf");
     std::fs::write(
         &nats_conf,
