@@ -26,8 +26,9 @@
 //! socket in a directory only this user can enter, made for the one
 //! connection and removed once it is taken, or, where no directory can be
 //! made (a read-only file system), a loopback port. The Unix socket costs
-//! less per message: a catch-up of 1-row transactions drained 10-15% faster
-//! through it than through the loopback port (docs/benchmarks.md).
+//! less per message: a catch-up of 1-row transactions drained 7-47% faster
+//! through it than through the loopback port, in three interleaved pairs
+//! (docs/benchmarks.md).
 //! Handshake failures are then reported exactly as on the query connections.
 
 use super::{describe, roots_from, system_roots, verifier, TlsError, Verify};
