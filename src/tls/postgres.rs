@@ -355,9 +355,18 @@ enum Inner {
 impl BridgeListener {
     /// A Unix socket in a new directory under `base` that only this user
     /// can enter; a loopback port where that cannot be made (a read-only
-    /// file system, a path too long for a socket).
+    /// file system, a path too long for a socket, or one pgwire-replication
+    /// would not take for a socket directory: relative or not UTF-8).
     async fn bind(base: &Path, port: u16) -> std::io::Result<(BridgeListener, BridgeAddr)> {
-        match PrivateDir::create(base).and_then(|dir| {
+        let usable = if base.is_absolute() && base.to_str().is_some() {
+            Ok(base)
+        } else {
+            Err(std::io::Error::other(format!(
+                "{} is not an absolute UTF-8 path",
+                base.display()
+            )))
+        };
+        match usable.and_then(PrivateDir::create).and_then(|dir| {
             let listener = UnixListener::bind(dir.0.join(format!(".s.PGSQL.{port}")))?;
             Ok((listener, dir))
         }) {
@@ -391,8 +400,11 @@ impl BridgeListener {
             let peer = match &self {
                 BridgeListener::Unix { listener, .. } => {
                     let (inner, _) = listener.accept().await?;
+                    // Where the system gives no pid it cannot tell, and the
+                    // directory already keeps other users out.
                     let pid = inner.peer_cred()?.pid();
-                    if pid == i32::try_from(std::process::id()).ok() {
+                    let own = i32::try_from(std::process::id()).ok();
+                    if pid.is_none_or(|pid| Some(pid) == own) {
                         return Ok(Inner::Unix(inner));
                     }
                     format!("pid {pid:?}")
@@ -627,6 +639,14 @@ mod tests {
             .expect("the accepted connection is ours")
             .unwrap();
         std::fs::remove_dir(&base).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_relative_temporary_directory_gives_a_loopback_port() {
+        // pgwire-replication takes only an absolute host for a socket
+        // directory; a relative one would be dialled as a host name.
+        let (_, local) = BridgeListener::bind(Path::new("."), 5432).await.unwrap();
+        assert!(matches!(local, BridgeAddr::Tcp(_)), "{local:?}");
     }
 
     #[tokio::test]
