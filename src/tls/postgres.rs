@@ -354,35 +354,10 @@ enum Inner {
 
 impl BridgeListener {
     /// A Unix socket in a new directory under `base` that only this user
-    /// can enter; a loopback port where that cannot be made (a read-only
-    /// file system, a path too long for a socket, or one pgwire-replication
-    /// would not take for a socket directory: relative or not UTF-8).
+    /// can enter; a loopback port where that cannot be made.
     async fn bind(base: &Path, port: u16) -> std::io::Result<(BridgeListener, BridgeAddr)> {
-        let usable = if base.is_absolute() && base.to_str().is_some() {
-            Ok(base)
-        } else {
-            Err(std::io::Error::other(format!(
-                "{} is not an absolute UTF-8 path",
-                base.display()
-            )))
-        };
-        match usable.and_then(PrivateDir::create).and_then(|dir| {
-            let listener = UnixListener::bind(dir.0.join(format!(".s.PGSQL.{port}")))?;
-            Ok((listener, dir))
-        }) {
-            Ok((listener, dir)) => {
-                let local = BridgeAddr::Unix {
-                    dir: dir.0.clone(),
-                    port,
-                };
-                Ok((
-                    BridgeListener::Unix {
-                        listener,
-                        _dir: dir,
-                    },
-                    local,
-                ))
-            }
+        match Self::bind_unix(base, port) {
+            Ok(bound) => Ok(bound),
             Err(error) => {
                 tracing::debug!(%error, "no Unix socket for the replication bridge; using a loopback port");
                 let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
@@ -390,6 +365,31 @@ impl BridgeListener {
                 Ok((BridgeListener::Tcp(listener), BridgeAddr::Tcp(local)))
             }
         }
+    }
+
+    /// Fails on a read-only file system, a path too long for a socket, or
+    /// one pgwire-replication would not take for a socket directory
+    /// (relative, or not UTF-8).
+    fn bind_unix(base: &Path, port: u16) -> std::io::Result<(BridgeListener, BridgeAddr)> {
+        if !base.is_absolute() || base.to_str().is_none() {
+            return Err(std::io::Error::other(format!(
+                "{} is not an absolute UTF-8 path",
+                base.display()
+            )));
+        }
+        let dir = PrivateDir::create(base)?;
+        let listener = UnixListener::bind(dir.0.join(format!(".s.PGSQL.{port}")))?;
+        let local = BridgeAddr::Unix {
+            dir: dir.0.clone(),
+            port,
+        };
+        Ok((
+            BridgeListener::Unix {
+                listener,
+                _dir: dir,
+            },
+            local,
+        ))
     }
 
     /// The first connection from this process itself (pgwire-replication's):
