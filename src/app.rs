@@ -155,8 +155,12 @@ async fn sessions(
             attempt = 0;
         }
         // A standby polls the slot at a steady pace so it takes over soon
-        // after the active tailer dies; anything else backs off.
-        let delay = if error.slot_in_use() {
+        // after the active tailer dies; anything else backs off. Only the
+        // server's own "slot in use" answer makes a standby: it proves
+        // PostgreSQL reachable, so /readyz may say `standby`.
+        let in_use = error.slot_in_use();
+        metrics.tailer_standby.set(i64::from(in_use));
+        let delay = if in_use {
             if !standby {
                 tracing::info!(slot = %config.slot, "standby: another tailer holds the slot; waiting to take over");
             }

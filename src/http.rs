@@ -1,6 +1,6 @@
 //! The operations endpoints on `--metrics-addr`: `GET /metrics` (Prometheus
 //! text), `GET /healthz` (200 while the process runs), `GET /readyz` (200
-//! only while both the replication stream and NATS are connected).
+//! `active` or `standby` while the instance can do its part, else 503).
 
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -44,27 +44,54 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    let replication = metrics.replication_connected.get() == 1;
-    let nats = metrics.nats_connected.get() == 1;
-    let limited = metrics.stream_limit_reached.get() == 1;
-    let status = if replication && nats && !limited {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let mut body = format!("replication {}\nnats {}\n", up(replication), up(nats));
-    if limited {
-        body.push_str("stream at a limit (full, or storage exhausted): publishing stalls until it is lifted\n");
-    }
-    (status, body)
+    readiness(&Readiness {
+        active: metrics.tailer_active.get() == 1,
+        standby: metrics.tailer_standby.get() == 1,
+        nats: metrics.nats_connected.get() == 1,
+        limited: metrics.stream_limit_reached.get() == 1,
+    })
 }
 
-fn up(connected: bool) -> &'static str {
-    if connected {
-        "connected"
-    } else {
-        "disconnected"
+/// What /readyz reads: the instance's role and the state of its servers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Readiness {
+    /// Streams from the slot.
+    active: bool,
+    /// Another instance holds the slot, and PostgreSQL answered this one.
+    standby: bool,
+    nats: bool,
+    /// Publishing stalls on a stream limit.
+    limited: bool,
+}
+
+/// The answer to /readyz (contract section 4): 200 `active` or `standby`
+/// while the instance can do its part, 503 with the reasons otherwise. A
+/// standby is ready, so two replicas are both Ready and a rolling update
+/// proceeds; an active instance that cannot publish is not.
+fn readiness(state: &Readiness) -> (StatusCode, String) {
+    let Readiness {
+        active,
+        standby,
+        nats,
+        limited,
+    } = *state;
+    if active && nats && !limited {
+        return (StatusCode::OK, "active\n".to_owned());
     }
+    if standby && !active && nats {
+        return (StatusCode::OK, "standby\n".to_owned());
+    }
+    let mut body = String::from("not ready\n");
+    if !active && !standby {
+        body.push_str("replication: not streaming, and not standing by (PostgreSQL unreachable, or the session is starting)\n");
+    }
+    if !nats {
+        body.push_str("nats: disconnected\n");
+    }
+    if active && limited {
+        body.push_str("stream at a limit (full, or storage exhausted): publishing stalls until it is lifted\n");
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 /// `outbox-tailer healthcheck`: `GET /healthz` on `metrics_addr` (a wildcard
@@ -121,6 +148,60 @@ mod tests {
         assert_eq!(
             loopback_for("10.1.2.3".parse().unwrap()),
             "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn readiness_is_by_role() {
+        let ok = |state| {
+            let (status, body) = readiness(&state);
+            (status == StatusCode::OK).then_some(body)
+        };
+        let all = Readiness {
+            active: true,
+            standby: false,
+            nats: true,
+            limited: false,
+        };
+        assert_eq!(ok(all).as_deref(), Some("active\n"));
+        let standby = Readiness {
+            active: false,
+            standby: true,
+            ..all
+        };
+        assert_eq!(ok(standby).as_deref(), Some("standby\n"));
+        // Each missing part makes it not ready, and the body says which.
+        for (state, says) in [
+            (Readiness { nats: false, ..all }, "nats: disconnected"),
+            (
+                Readiness {
+                    nats: false,
+                    ..standby
+                },
+                "nats: disconnected",
+            ),
+            (
+                Readiness {
+                    limited: true,
+                    ..all
+                },
+                "stream at a limit",
+            ),
+            (Readiness::default(), "not streaming, and not standing by"),
+        ] {
+            let (status, body) = readiness(&state);
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{state:?}");
+            assert!(body.contains(says), "{state:?}: {body}");
+        }
+        // A standby whose stream is at a limit stays ready: the limit is
+        // the active instance's to report.
+        assert_eq!(
+            ok(Readiness {
+                limited: true,
+                ..standby
+            })
+            .as_deref(),
+            Some("standby\n")
         );
     }
 

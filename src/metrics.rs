@@ -30,6 +30,11 @@ pub(crate) struct Metrics {
     pub publish_latency: Histogram,
     pub replication_connected: IntGauge,
     pub nats_connected: IntGauge,
+    /// 1 while this instance streams from the slot: its role is `active`.
+    pub tailer_active: IntGauge,
+    /// 1 while this instance stands by: another one holds the slot, and
+    /// PostgreSQL answered this one's last attempt to take it.
+    pub tailer_standby: IntGauge,
     /// 1 while publishing stalls on a stream or account limit (stream full
     /// with discard `new`, storage exhausted): /readyz says so.
     pub stream_limit_reached: IntGauge,
@@ -146,6 +151,11 @@ impl Metrics {
             ),
             replication_connected: int_gauge("outbox_replication_connected", "1 while the replication stream is open."),
             nats_connected: int_gauge("outbox_nats_connected", "1 while connected to NATS."),
+            tailer_active: int_gauge("outbox_tailer_active", "1 while this instance streams from the slot (its role is active)."),
+            tailer_standby: int_gauge(
+                "outbox_tailer_standby",
+                "1 while this instance stands by: another instance holds the slot and PostgreSQL answers this one.",
+            ),
             mark_invisible_waits: counter(
                 "outbox_mark_invisible_waits_total",
                 "Mark batches that waited for rows whose transaction was decoded but not yet visible (e.g. a stalled synchronous standby).",
@@ -286,6 +296,8 @@ mod tests {
             "outbox_publish_latency_seconds_bucket",
             "outbox_replication_connected 0",
             "outbox_nats_connected 0",
+            "outbox_tailer_active 0",
+            "outbox_tailer_standby 0",
             "outbox_build_info{version=",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");

@@ -19,9 +19,12 @@ pub const PENDING_SQL: &str =
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
      FROM event_outbox WHERE status = 'pending'";
 pub const FAILED_SQL: &str = "SELECT count(*) FROM event_outbox WHERE status = 'failed'";
-const SLOT_SQL: &str = "SELECT active, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, confirmed_flush_lsn::text, \
-            coalesce(wal_status, '') \
-     FROM pg_replication_slots WHERE slot_name = $1";
+/// The slot, and who holds it: the walsender's backend and its client (the
+/// client's address is visible to the slot's own role and to superusers).
+const SLOT_SQL: &str = "SELECT s.active, (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, s.confirmed_flush_lsn::text, \
+            coalesce(s.wal_status, ''), s.active_pid, host(r.client_addr), r.client_port, r.application_name \
+     FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+     WHERE s.slot_name = $1";
 /// The most recently created published row (an approximation of the last
 /// publish that needs no index on published_at).
 const LAST_PUBLISHED_SQL: &str = "SELECT to_char(published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
@@ -36,10 +39,52 @@ pub(crate) struct Stats {
     pub confirmed_lsn: Option<String>,
     /// The server's view of the slot's WAL: reserved, extended, unreserved or lost.
     pub wal_status: Option<String>,
+    /// Who streams from the slot, when someone does.
+    pub slot_holder: Option<SlotHolder>,
     pub pending: i64,
     pub failed: i64,
     pub oldest_pending_age_seconds: f64,
     pub last_published_at: Option<String>,
+}
+
+/// The walsender that holds the slot, and its client.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub(crate) struct SlotHolder {
+    /// The walsender's backend pid.
+    pub pid: i32,
+    /// The client's address; None over a Unix socket, or when the server
+    /// hides it from this role.
+    pub client_addr: Option<String>,
+    pub client_port: Option<i32>,
+    pub application_name: Option<String>,
+}
+
+impl SlotHolder {
+    fn from_row(row: &tokio_postgres::Row) -> Option<SlotHolder> {
+        Some(SlotHolder {
+            pid: row.get::<_, Option<i32>>(4)?,
+            client_addr: row.get(5),
+            client_port: row.get(6),
+            application_name: row.get(7),
+        })
+    }
+}
+
+impl std::fmt::Display for SlotHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "held by backend {}", self.pid)?;
+        match (&self.client_addr, self.client_port) {
+            (Some(addr), Some(port)) if port > 0 => write!(f, " for {addr} port {port}")?,
+            (Some(addr), _) => write!(f, " for {addr}")?,
+            // client_port is -1 over a Unix socket; NULL when hidden.
+            (None, Some(-1)) => write!(f, " for a local (Unix socket) client")?,
+            (None, _) => {}
+        }
+        match self.application_name.as_deref() {
+            Some(name) if !name.is_empty() => write!(f, ", application {name}"),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub(crate) async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
@@ -55,6 +100,7 @@ pub(crate) async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgr
         lag_bytes: slot_row.as_ref().and_then(|r| r.get(1)),
         confirmed_lsn: slot_row.as_ref().and_then(|r| r.get(2)),
         wal_status: slot_row.as_ref().map(|r| r.get(3)),
+        slot_holder: slot_row.as_ref().and_then(SlotHolder::from_row),
         pending: pending.get(0),
         failed: failed.get(0),
         oldest_pending_age_seconds: pending.get(1),
@@ -79,7 +125,10 @@ impl Stats {
                 "INVALIDATED (wal_status lost): drop it; the tailer recreates it".to_owned()
             }
             None => "missing".to_owned(),
-            Some(true) => "active".to_owned(),
+            Some(true) => match &self.slot_holder {
+                Some(holder) => format!("active: {holder}"),
+                None => "active".to_owned(),
+            },
             Some(false) => "inactive (no tailer streams from it)".to_owned(),
         };
         let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());

@@ -126,12 +126,16 @@ pub(crate) async fn run_session(
     };
     let result = match opened {
         Ok(opened) => {
+            // The slot is held: this instance is the active one.
             metrics.replication_connected.set(1);
+            metrics.tailer_active.set(1);
+            metrics.tailer_standby.set(0);
             stream_until_done(config, nats, metrics, sweep, shutdown, opened).await
         }
         Err(error) => Err(error),
     };
     metrics.replication_connected.set(0);
+    metrics.tailer_active.set(0);
     metrics.replication_lag_seconds.set(0.0);
     if result.is_err() {
         metrics.session_failures.inc();

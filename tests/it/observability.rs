@@ -122,7 +122,7 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
         Duration::from_secs(30),
         || async {
             let (status, body) = http_get(&format!("{base}/readyz")).await;
-            (status == 503 && body.contains("nats disconnected")).then_some(())
+            (status == 503 && body.contains("nats: disconnected")).then_some(())
         },
     )
     .await;
@@ -135,7 +135,10 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     wait_for(
         "/readyz 200 after NATS returns",
         Duration::from_secs(60),
-        || async { (http_get(&format!("{base}/readyz")).await.0 == 200).then_some(()) },
+        || async {
+            let (status, body) = http_get(&format!("{base}/readyz")).await;
+            (status == 200 && body == "active\n").then_some(())
+        },
     )
     .await;
 
@@ -153,6 +156,11 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["slot"], "event_outbox_tailer");
     assert_eq!(json["slot_active"], true);
+    // Who holds it: this tailer's walsender, its client on loopback.
+    let holder = &json["slot_holder"];
+    assert!(holder["pid"].as_i64().is_some_and(|pid| pid > 0), "{json}");
+    assert_eq!(holder["client_addr"], "127.0.0.1", "{json}");
+    assert_eq!(holder["application_name"], "outbox-tailer", "{json}");
     assert_eq!(json["pending"], 0);
     assert_eq!(json["failed"], 0);
     assert!(
@@ -168,7 +176,9 @@ async fn metrics_health_readiness_and_status_follow_the_tailer() {
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
     for line in [
-        "slot                event_outbox_tailer (active)",
+        "slot                event_outbox_tailer (active: held by backend ",
+        "for 127.0.0.1 port ",
+        ", application outbox-tailer)",
         "pending events      0",
         "last published",
     ] {
