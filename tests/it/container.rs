@@ -19,12 +19,13 @@
 //!   container sees them; Grafana's provisioning loads the dashboard, whose
 //!   data source resolves to the provisioned one.
 
+use crate::common::dockerfile;
+use crate::common::tools::{must, on_path, run, yaml_documents, Output};
 use outbox_testkit::repo_root;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The local stand-in for debian:bookworm-slim (kept: making it takes ~30 s).
@@ -34,68 +35,6 @@ const BASE_IMAGE: &str = "localhost/outbox-tailer-base:bookworm";
 const RUNTIME_BASE_IMAGE: &str = "localhost/outbox-tailer-runtime-base:container-test";
 /// The image under test, removed afterwards (with the layers only it uses).
 const IMAGE: &str = "localhost/outbox-tailer:container-test";
-
-/// A finished command: success, and stdout + stderr.
-struct Output {
-    success: bool,
-    stdout: String,
-    text: String,
-}
-
-/// Runs `program args` under coreutils' `timeout` (TERM, then KILL 10 s
-/// later), so no step can hang the test.
-fn run(program: &str, args: &[&str], limit: Duration) -> Output {
-    run_in(program, args, limit, None)
-}
-
-fn run_in(program: &str, args: &[&str], limit: Duration, stdin: Option<&[u8]>) -> Output {
-    let mut command = Command::new("timeout");
-    command
-        .args(["--kill-after=10", &format!("{}", limit.as_secs())])
-        .arg(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let text = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    if output.status.code() == Some(124) {
-        panic!("{program} {args:?} did not finish within {limit:?}:\n{text}");
-    }
-    Output {
-        success: output.status.success(),
-        stdout,
-        text,
-    }
-}
-
-fn must(program: &str, args: &[&str], limit: Duration) -> Output {
-    let output = run(program, args, limit);
-    assert!(
-        output.success,
-        "{program} {} failed:\n{}",
-        args.join(" "),
-        output.text
-    );
-    output
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-}
 
 /// Makes sure `tools` are installed (as `scripts/setup` does: apt-get, as
 /// root); `Err` says why they are not.
@@ -349,17 +288,9 @@ fn the_runtime_image_builds_and_is_configured_as_the_contract_says() {
 
 /// YAML to JSON with PyYAML (a dependency of docker-compose 1.x itself).
 fn yaml(text: &str) -> Value {
-    let output = run_in(
-        "python3",
-        &[
-            "-c",
-            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
-        ],
-        Duration::from_secs(30),
-        Some(text.as_bytes()),
-    );
-    assert!(output.success, "YAML did not parse:\n{}", output.text);
-    serde_json::from_str(&output.stdout).unwrap()
+    let mut documents = yaml_documents(Path::new("python3"), text);
+    assert_eq!(documents.len(), 1, "one YAML document");
+    documents.remove(0)
 }
 
 /// The environment variable names of docs/contract.md section 2: the flag
@@ -447,25 +378,6 @@ fn strings(value: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-/// The `FROM ... AS name` stage names of the Dockerfile, in order.
-fn dockerfile_stages() -> Vec<String> {
-    std::fs::read_to_string(repo_root().join("Dockerfile"))
-        .unwrap()
-        .lines()
-        .filter_map(|line| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            match words.as_slice() {
-                [from, _, as_, name]
-                    if from.eq_ignore_ascii_case("FROM") && as_.eq_ignore_ascii_case("AS") =>
-                {
-                    Some(name.to_string())
-                }
-                _ => None,
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn the_compose_stack_is_valid_and_agrees_with_the_repo() {
     install(&["docker-compose"], &["docker-compose"]).unwrap();
@@ -495,7 +407,7 @@ fn the_compose_stack_is_valid_and_agrees_with_the_repo() {
 
     // Every build target is a stage of the Dockerfile, whose last stage is
     // the tailer (so a plain `docker build .` gives it).
-    let stages = dockerfile_stages();
+    let stages: Vec<String> = dockerfile::stages().into_iter().map(|s| s.name).collect();
     assert_eq!(
         stages.last().map(String::as_str),
         Some("runtime"),

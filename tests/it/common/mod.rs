@@ -2,8 +2,10 @@
 //! NATS server, the real `outbox-tailer` binary as a child process, load,
 //! reading the stream back, and bounded waits.
 
+pub mod dockerfile;
 pub mod load;
 pub mod proxy;
+pub mod tools;
 
 pub use load::{Load, LoadOptions};
 
