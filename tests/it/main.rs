@@ -16,6 +16,7 @@ mod dashboards;
 mod failover;
 mod failures;
 mod harness;
+mod kubernetes;
 mod marker;
 mod memory;
 mod nats_outage;
