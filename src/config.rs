@@ -177,6 +177,22 @@ pub struct Options {
         default_value_t = 60.0
     )]
     pub sweep_min_age: f64,
+    /// Seconds the replication connection may stay silent before it counts as dead and a new session starts; also the session's wal_sender_timeout (the server pings at half of it).
+    #[arg(
+        long,
+        env = "OUTBOX_REPLICATION_TIMEOUT",
+        global = true,
+        default_value_t = 20.0
+    )]
+    pub replication_timeout: f64,
+    /// Seconds a PostgreSQL query connection may leave a request unanswered before it counts as dead (the session, sweep or poll on it starts again).
+    #[arg(
+        long,
+        env = "OUTBOX_STATEMENT_TIMEOUT",
+        global = true,
+        default_value_t = 30.0
+    )]
+    pub statement_timeout: f64,
     /// Payload bytes held in memory at once, decoded and not yet acked (e.g. 64MiB); one larger event still goes alone.
     #[arg(
         long,
@@ -225,6 +241,8 @@ pub enum ConfigError {
     BadStatsInterval(f64),
     #[error("--sweep-min-age {0} is not a number of seconds between 0 and 86400")]
     BadSweepMinAge(f64),
+    #[error("--{flag} {value} is not a number of seconds between 2 and 3600")]
+    BadTimeout { flag: &'static str, value: f64 },
     #[error("--database-url: {0}")]
     DatabaseTls(String),
     #[error("cannot read {var} {path}: {reason}")]
@@ -311,6 +329,10 @@ pub struct Config {
     pub event_logs: bool,
     pub stats_interval: std::time::Duration,
     pub sweep_min_age: std::time::Duration,
+    /// Silence on the replication connection that ends the session.
+    pub(crate) replication_timeout: std::time::Duration,
+    /// An unanswered request on a query connection that ends it.
+    pub(crate) statement_timeout: std::time::Duration,
     /// Payload bytes held in memory at once (the byte budget).
     pub(crate) max_in_flight_bytes: usize,
     /// Published rows older than this are pruned while running (None: kept).
@@ -336,6 +358,8 @@ impl fmt::Debug for Config {
             .field("event_logs", &self.event_logs)
             .field("stats_interval", &self.stats_interval)
             .field("sweep_min_age", &self.sweep_min_age)
+            .field("replication_timeout", &self.replication_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("retention", &self.retention)
             .field("log_format", &self.log_format)
@@ -400,6 +424,14 @@ impl Config {
         if !(0.1..=3600.0).contains(&options.stats_interval) {
             return Err(ConfigError::BadStatsInterval(options.stats_interval));
         }
+        for (flag, value) in [
+            ("replication-timeout", options.replication_timeout),
+            ("statement-timeout", options.statement_timeout),
+        ] {
+            if !(2.0..=3600.0).contains(&value) {
+                return Err(ConfigError::BadTimeout { flag, value });
+            }
+        }
         let metrics_addr = options
             .metrics_addr
             .parse()
@@ -433,6 +465,8 @@ impl Config {
             event_logs: options.event_logs,
             stats_interval: std::time::Duration::from_secs_f64(options.stats_interval),
             sweep_min_age: std::time::Duration::from_secs_f64(options.sweep_min_age),
+            replication_timeout: std::time::Duration::from_secs_f64(options.replication_timeout),
+            statement_timeout: std::time::Duration::from_secs_f64(options.statement_timeout),
             log_format: options.log_format,
         })
     }

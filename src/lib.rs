@@ -11,6 +11,8 @@
 //! - [`publish`]: subjects and messages (pure), failure classes, chained
 //!   publishing with go-back-N (the stream's and the sweeper's), the JetStream
 //!   connection and stream, and whose turn it is to publish (stream or sweeper).
+//! - [`db`]: query connections that notice a silent server (keepalives,
+//!   `TCP_USER_TIMEOUT`, a watchdog on unanswered requests).
 //! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`];
 //!   [`supervise`]: background tasks that must not die silently.
 //! - [`metrics`]: every exported metric; [`http`]: /metrics, /healthz, /readyz;
@@ -51,6 +53,7 @@ pub mod shutdown;
 pub mod tls;
 
 mod backoff;
+mod db;
 mod error;
 mod event;
 pub mod http;

@@ -289,9 +289,14 @@ async fn stream_until_done(
     let mut progress = Progress::new(Lsn::ZERO);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
     let mut lag_watch = LagWatch::default();
+    // The heartbeat: when the loop last began to wait for the server (see
+    // `source::silence_options`). Time spent handling an event (waiting for
+    // room while NATS is down, say) is not the server's silence.
+    let mut waiting_since = Instant::now();
 
     // Priorities: shutdown first, then a failed stage, then confirmations
-    // (they free WAL on the server), then the next replication event.
+    // (they free WAL on the server), then the next replication event, then
+    // a server silent for too long.
     let failure = loop {
         tokio::select! {
             biased;
@@ -308,8 +313,10 @@ async fn stream_until_done(
                 lag_watch.observe(lag);
                 // Replayed rows held back for their check wait at most a
                 // tick when the server sends nothing more (no keepalive).
+                let began = Instant::now();
                 match shutdown.unless(reader.publish_replayed()).await {
-                    Some(Ok(())) => {}
+                    // That wait was the tailer's, not the server's silence.
+                    Some(Ok(())) => waiting_since += began.elapsed(),
                     Some(Err(error)) => break Some(error),
                     None => break None,
                 }
@@ -330,6 +337,13 @@ async fn stream_until_done(
                 if let Err(error) = handled {
                     break Some(error);
                 }
+                waiting_since = Instant::now();
+            }
+            _ = tokio::time::sleep_until((waiting_since + config.replication_timeout).into()) => {
+                break Some(Error::Unavailable(format!(
+                    "nothing from PostgreSQL on the replication connection for {:?} (--replication-timeout), not even its keepalive: the connection went silent (a NAT, a load balancer or the network dropped it without closing); starting a new session",
+                    config.replication_timeout
+                )));
             }
         }
     };

@@ -43,6 +43,11 @@ const LINGER: Duration = Duration::from_millis(20);
 /// How long no stream may answer (no responders) before this session gives
 /// up on it as deleted: well past a cluster's leader election (4-5 s).
 const STREAM_GONE_AFTER: Duration = Duration::from_secs(15);
+/// Acks that time out in a row, while the client still counts itself
+/// connected, before the connection is taken for silent and replaced. The
+/// client's pings usually notice first (`jetstream::PING_INTERVAL`); this
+/// catches a connection that answers pings but nothing else.
+const SILENT_ACKS: u32 = 3;
 
 pub(super) struct Publisher {
     chain: Chain,
@@ -63,6 +68,8 @@ pub(super) struct Publisher {
     failing: bool,
     /// Since when no stream has answered: an election, unless it lasts.
     leaderless_since: Option<Instant>,
+    /// Acks timed out in a row (reset by any answer).
+    ack_timeouts: u32,
 }
 
 impl Publisher {
@@ -87,6 +94,7 @@ impl Publisher {
             since: Instant::now(),
             failing: false,
             leaderless_since: None,
+            ack_timeouts: 0,
         }
     }
 
@@ -181,6 +189,7 @@ impl Publisher {
         };
         self.metrics.in_flight.dec();
         self.leaderless_since = None;
+        self.ack_timeouts = 0;
         if self.failing {
             self.failing = false;
             self.metrics.stream_limit_reached.set(0);
@@ -215,6 +224,7 @@ impl Publisher {
         // What is acked gets marked while this one waits.
         self.flush(batches).await?;
         let failure = classify(&error);
+        self.count_ack_timeout(&error);
         let Some(head) = self.window.front_mut() else {
             return Ok(());
         };
@@ -289,6 +299,32 @@ impl Publisher {
         tokio::time::sleep(delay).await;
         self.resend(1).await;
         Ok(())
+    }
+
+    /// Acks that keep timing out on a connection the client still counts as
+    /// up: the connection is silent (a NAT or proxy dropped it without
+    /// closing). Replacing it makes the client reconnect, and the publisher
+    /// sends the window again at once (`connects`).
+    fn count_ack_timeout(&mut self, error: &PublishError) {
+        use async_nats::jetstream::context::PublishErrorKind;
+        if error.kind() != PublishErrorKind::TimedOut {
+            self.ack_timeouts = 0;
+            return;
+        }
+        self.ack_timeouts += 1;
+        if self.ack_timeouts < SILENT_ACKS || self.metrics.nats_connected.get() != 1 {
+            return;
+        }
+        self.ack_timeouts = 0;
+        tracing::warn!(
+            "{SILENT_ACKS} acks in a row timed out on a connection that looks up: taking it for silent and reconnecting to NATS"
+        );
+        let client = self.chain.client();
+        tokio::spawn(async move {
+            if let Err(error) = client.force_reconnect().await {
+                tracing::warn!(%error, "NATS reconnect failed; the client keeps trying");
+            }
+        });
     }
 
     /// Sends every event in the window again, the first one unchained

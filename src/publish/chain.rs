@@ -41,6 +41,11 @@ impl Chain {
         }
     }
 
+    /// The NATS client under the stream (to replace a silent connection).
+    pub(crate) fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
     /// Sends `row`; a send that fails yields its error as the ack.
     pub(crate) async fn send(&mut self, row: &OutboxRow) -> AckFuture {
         let message = Message::from_row(&self.subject_prefix, row);

@@ -3,6 +3,7 @@
 //! Each failure is one line that says what to do.
 
 use crate::config::Config;
+use crate::db::{self, DialError};
 use crate::event::OUTBOX_TABLE;
 use crate::replication::hosts::{self, Endpoint};
 use crate::replication::timeline;
@@ -58,8 +59,7 @@ pub(crate) async fn connect_endpoint(config: &Config) -> Result<(Client, Endpoin
     let endpoints = hosts::endpoints(&config.database);
     let mut refusals = Vec::with_capacity(endpoints.len());
     for endpoint in endpoints {
-        let one = hosts::only(&config.database, &endpoint);
-        match connect_one(config, one).await {
+        match connect_one(config, &endpoint).await {
             Ok(client) => return Ok((client, endpoint)),
             Err(reason) => refusals.push((endpoint, reason)),
         }
@@ -80,7 +80,7 @@ pub(crate) async fn connect_endpoint(config: &Config) -> Result<(Client, Endpoin
 
 /// Another query session on `endpoint`, a server [`connect_endpoint`] found.
 pub(crate) async fn connect_to(config: &Config, endpoint: &Endpoint) -> Result<Client, SetupError> {
-    connect_one(config, hosts::only(&config.database, endpoint))
+    connect_one(config, endpoint)
         .await
         .map_err(|reason| SetupError::Unreachable {
             target: endpoint.to_string(),
@@ -88,31 +88,33 @@ pub(crate) async fn connect_to(config: &Config, endpoint: &Endpoint) -> Result<C
         })
 }
 
-/// One server: the client, or why it could not be had.
-async fn connect_one(config: &Config, mut pg: tokio_postgres::Config) -> Result<Client, String> {
+/// One server: the client, or why it could not be had. The connection is
+/// watched: a request unanswered for `--statement-timeout` ends it
+/// ([`crate::db`]).
+async fn connect_one(config: &Config, endpoint: &Endpoint) -> Result<Client, String> {
+    let mut pg = hosts::only(&config.database, endpoint);
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(10));
     }
     pg.application_name("outbox-tailer");
     let tls = config.pg_tls.connector().map_err(|e| e.to_string())?;
-    let (client, connection) = pg.connect(tls).await.map_err(|e| {
-        let reason = match crate::tls::describe(&e) {
-            Some(tls) => tls,
-            None => error_text(&e),
-        };
-        let mode = config.pg_tls.mode.name();
-        if reason.contains("server does not support TLS") {
-            format!("the server does not accept TLS, and sslmode={mode} requires it")
-        } else {
-            reason
-        }
-    })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "query connection closed");
-        }
-    });
-    Ok(client)
+    db::connect(&pg, endpoint, tls, config.statement_timeout)
+        .await
+        .map_err(|error| {
+            let reason = match &error {
+                DialError::Postgres(e) => match crate::tls::describe(e) {
+                    Some(tls) => tls,
+                    None => error_text(e),
+                },
+                other => other.to_string(),
+            };
+            let mode = config.pg_tls.mode.name();
+            if reason.contains("server does not support TLS") {
+                format!("the server does not accept TLS, and sslmode={mode} requires it")
+            } else {
+                reason
+            }
+        })
 }
 
 /// Everything the tailer needs from the database before it streams, created

@@ -69,15 +69,40 @@ pub(crate) fn replication_config(
             port,
         ),
     };
+    // The heartbeat (see [`silence_options`]): with nothing to say, the
+    // client writes only every `replication_timeout`, so the server, which
+    // pings after half of it without a word, pings first.
     base.with_tls(TlsConfig::disabled())
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
-        .with_wakeup_interval(Duration::from_secs(5))
+        .with_wakeup_interval(config.replication_timeout)
         // Events decoded ahead of the reader: a few, since each may carry a
         // payload near NATS's 1 MB limit (the byte budget starts after them).
         .with_buffer_size(REPLICATION_BUFFER)
         .with_application_name("outbox-tailer")
-        .with_options("-c datestyle=ISO -c timezone=UTC")
+        .with_options(format!(
+            "-c datestyle=ISO -c timezone=UTC {}",
+            silence_options(config.replication_timeout)
+        ))
+}
+
+/// The replication connection's heartbeat, from the server's side.
+///
+/// A connection can die without closing (a NAT or load balancer that drops
+/// its state, a paused host): no FIN, no RST, and a socket that only reads
+/// waits forever. So the session sets its own `wal_sender_timeout` to
+/// `--replication-timeout`: the walsender then asks for a reply after half
+/// of it without hearing from the client (a keepalive with the reply flag;
+/// the client answers at once), and drops the client after all of it, which
+/// frees the slot for the next session. The client writes only every
+/// `replication_timeout` when it has nothing to confirm, so on an idle slot
+/// the server's ping comes first: a healthy connection carries a message
+/// from the server at least every half timeout, and the session loop ends a
+/// session that has heard nothing for a whole one. Both sides give up on a
+/// silent connection at about the same time, well inside the minute the
+/// contract allows (the server's default `wal_sender_timeout` alone is 60 s).
+fn silence_options(timeout: Duration) -> String {
+    format!("-c wal_sender_timeout={}", timeout.as_millis())
 }
 
 /// Connects to `server` (over TLS as `sslmode` says), checks that it is
@@ -93,16 +118,23 @@ pub(crate) async fn open(
         // TLS does not apply to Unix sockets (libpq ignores sslmode there).
         (Some(dial), Some(name), mode) if mode != SslMode::Disable => {
             let port = server.port;
-            let local = replication_bridge(&dial, name, port, &config.pg_tls, CONNECT_TIMEOUT)
-                .await
-                .map_err(|error| match error {
-                    PgTlsError::Io(io) => {
-                        Error::Unavailable(format!("replication connection to {server}: {io}"))
-                    }
-                    refused => {
-                        Error::PostgresTls(format!("replication connection to {server}: {refused}"))
-                    }
-                })?;
+            let local = replication_bridge(
+                &dial,
+                name,
+                port,
+                &config.pg_tls,
+                CONNECT_TIMEOUT,
+                config.replication_timeout,
+            )
+            .await
+            .map_err(|error| match error {
+                PgTlsError::Io(io) => {
+                    Error::Unavailable(format!("replication connection to {server}: {io}"))
+                }
+                refused => {
+                    Error::PostgresTls(format!("replication connection to {server}: {refused}"))
+                }
+            })?;
             Some(local)
         }
         _ => None,

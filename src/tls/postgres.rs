@@ -269,20 +269,21 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// address dialled when `hostaddr` is given), and returns a
 /// local address whose first connection is forwarded to that session
 /// (the listener closes after it). With `prefer` and a server that declines,
-/// the forwarded session is plaintext.
+/// the forwarded session is plaintext. The socket to the server gets
+/// keepalives and `TCP_USER_TIMEOUT` = `silence` (see `crate::db`).
 pub(crate) async fn replication_bridge(
     host: &str,
     name: &str,
     port: u16,
     tls: &PgTls,
     timeout: Duration,
+    silence: Duration,
 ) -> Result<BridgeAddr, PgTlsError> {
     let config = tls.client_config()?;
     let server_name = ServerName::try_from(name.to_owned())
         .map_err(|_| PgTlsError::Handshake(format!("{name:?} is not a valid host name for TLS")))?;
     let negotiate = async {
-        let mut tcp = TcpStream::connect((host, port)).await?;
-        tcp.set_nodelay(true)?;
+        let mut tcp = crate::db::dial_tcp(host, port, silence).await?;
         tcp.write_all(&SSL_REQUEST).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;

@@ -28,6 +28,7 @@ mod retention;
 mod row_filter;
 mod schema;
 mod shutdown;
+mod silent;
 mod soak;
 mod startup;
 mod sweeper;
