@@ -13,27 +13,74 @@
 //! stream's leader killed, a rolling stop, a follower killed) with the
 //! tailer's own faults, and reuses the recovery measure.
 
+use crate::common::proxy::{Silence, SilentProxy, Which};
 use crate::common::*;
 use async_nats::jetstream::stream::DiscardPolicy;
 use outbox_testkit::{PgServer, StopMode};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// The fault kinds, by the number the soak draws.
-const FAULTS: [&str; 12] = [
-    "kill -9 active",
-    "SIGTERM active",
-    "NATS stop",
-    "PG fast restart",
-    "PG immediate restart",
-    "walsender killed",
-    "burst of 2,000",
-    "oversized payload",
-    "stream full",
-    "stalled sync standby",
-    "oversized subject",
-    "undecodable event",
-];
+/// The faults of the mixed soak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill9Active,
+    SigtermActive,
+    NatsStop,
+    PgFastRestart,
+    PgImmediateRestart,
+    WalsenderKilled,
+    Burst,
+    OversizedPayload,
+    StreamFull,
+    StalledSyncStandby,
+    OversizedSubject,
+    UndecodableEvent,
+    /// Every open connection of the tailers goes silent (no FIN, no RST).
+    SilentConnections,
+}
+
+impl Fault {
+    const ALL: [Fault; 13] = [
+        Fault::Kill9Active,
+        Fault::SigtermActive,
+        Fault::NatsStop,
+        Fault::PgFastRestart,
+        Fault::PgImmediateRestart,
+        Fault::WalsenderKilled,
+        Fault::Burst,
+        Fault::OversizedPayload,
+        Fault::StreamFull,
+        Fault::StalledSyncStandby,
+        Fault::OversizedSubject,
+        Fault::UndecodableEvent,
+        Fault::SilentConnections,
+    ];
+}
+
+impl Named for Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Kill9Active => "kill -9 active",
+            Fault::SigtermActive => "SIGTERM active",
+            Fault::NatsStop => "NATS stop",
+            Fault::PgFastRestart => "PG fast restart",
+            Fault::PgImmediateRestart => "PG immediate restart",
+            Fault::WalsenderKilled => "walsender killed",
+            Fault::Burst => "burst of 2,000",
+            Fault::OversizedPayload => "oversized payload",
+            Fault::StreamFull => "stream full",
+            Fault::StalledSyncStandby => "stalled sync standby",
+            Fault::OversizedSubject => "oversized subject",
+            Fault::UndecodableEvent => "undecodable event",
+            Fault::SilentConnections => "silent connections",
+        }
+    }
+}
+
+/// A fault kind's name in the soak's output.
+trait Named: Copy {
+    fn name(self) -> &'static str;
+}
 
 /// Waits (at most `limit`) until the slot is active and confirmed past the
 /// server's WAL position now; returns how long that took.
@@ -82,13 +129,13 @@ async fn set_system(db: &tokio_postgres::Client, name: &str, value: Option<&str>
 
 /// Fault kinds in a seeded shuffle, each once per cycle, so a short run sees
 /// them all.
-struct Deck {
-    kinds: usize,
-    order: Vec<usize>,
+struct Deck<T: 'static> {
+    kinds: &'static [T],
+    order: Vec<T>,
 }
 
-impl Deck {
-    fn new(kinds: usize) -> Deck {
+impl<T: Copy> Deck<T> {
+    fn new(kinds: &'static [T]) -> Deck<T> {
         Deck {
             kinds,
             order: Vec::new(),
@@ -96,30 +143,26 @@ impl Deck {
     }
 
     /// Waits the pause between rounds (0.3–1.5 s), then draws the next kind.
-    async fn next(&mut self, rng: &mut fastrand::Rng) -> usize {
+    async fn next(&mut self, rng: &mut fastrand::Rng) -> T {
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
         if self.order.is_empty() {
-            self.order = (0..self.kinds).collect();
+            self.order = self.kinds.to_vec();
             rng.shuffle(&mut self.order);
         }
-        self.order.pop().unwrap_or(0)
+        self.order.pop().expect("a deck of at least one kind")
     }
 }
 
 /// Prints each fault kind's recovery times (median, p90, max) and returns
 /// the slowest of all.
-fn print_recoveries(
-    tag: &str,
-    names: &[&str],
-    recoveries: &mut BTreeMap<usize, Vec<Duration>>,
-) -> Duration {
+fn print_recoveries(tag: &str, recoveries: &mut BTreeMap<&'static str, Vec<Duration>>) -> Duration {
     eprintln!("[{tag}] recovery (fault's end to the slot confirmed past the WAL position then), per kind:");
     for (fault, times) in recoveries.iter_mut() {
         times.sort();
         let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
         eprintln!(
             "[{tag}]   {:<22} n={:<3} median {:>6.1?}  p90 {:>6.1?}  max {:>6.1?}",
-            names[*fault],
+            fault,
             times.len(),
             at(0.5),
             at(0.9),
@@ -154,14 +197,25 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
-    let rounds = env_number("SOAK_ROUNDS", FAULTS.len() as u64);
+    let rounds = env_number("SOAK_ROUNDS", Fault::ALL.len() as u64);
     let seed = env_number("SOAK_SEED", 7);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut env = Env::start().await;
     let db = env.db().await;
     let args = ["run", "--max-retries", "2", "--sweep-min-age", "1"];
-    let mut active = env.streaming(&db, &args).await;
-    let mut standby = env.tailer(&args);
+    // The tailers reach both servers through proxies that can make every
+    // open connection go silent.
+    let pg_proxy = SilentProxy::start(env.pg.port()).await;
+    let nats_proxy = SilentProxy::start(env.nats.port()).await;
+    let (pg_url, nats_url) = (
+        pg_proxy.route(&env.tailer_url, env.pg.port()),
+        nats_proxy.route(&env.nats.url(), env.nats.port()),
+    );
+    let dir = env.dir.path().to_owned();
+    let spawn = || Tailer::spawn(&pg_url, &nats_url, &args, &dir);
+    let mut active = spawn();
+    wait_streaming(&db, SLOT, &active).await;
+    let mut standby = spawn();
     // Single-row transactions on five aggregates, riding out restarts.
     let load = Load::start(
         &env.url,
@@ -171,9 +225,9 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
     );
     let mut oversized = 0;
     let mut nats_stops = 0;
-    let mut recoveries: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
+    let mut recoveries: BTreeMap<&'static str, Vec<Duration>> = BTreeMap::new();
     let started = Instant::now();
-    let mut deck = Deck::new(FAULTS.len());
+    let mut deck = Deck::new(&Fault::ALL);
 
     for round in 0..rounds {
         let fault = deck.next(&mut rng).await;
@@ -184,39 +238,39 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
                 std::mem::swap(&mut active, &mut standby);
             }
         }
-        eprintln!("[soak seed {seed}] round {round}: {}", FAULTS[fault]);
+        eprintln!("[soak seed {seed}] round {round}: {}", fault.name());
         match fault {
             // kill -9 the active tailer: the standby takes over; a new standby joins.
-            0 => {
+            Fault::Kill9Active => {
                 active.kill9();
                 active = standby;
-                standby = env.tailer(&args);
+                standby = spawn();
             }
             // SIGTERM, then the same.
-            1 => {
+            Fault::SigtermActive => {
                 active.terminate();
                 let _ = active.wait_exit(Duration::from_secs(15));
                 active = standby;
-                standby = env.tailer(&args);
+                standby = spawn();
             }
-            2 => {
+            Fault::NatsStop => {
                 nats_stops += 1;
                 env.nats.stop(true);
                 tokio::time::sleep(Duration::from_millis(rng.u64(1000..4000))).await;
                 env.nats.start_again().unwrap();
             }
-            3 => env.pg.restart(StopMode::Fast).unwrap(),
-            4 => env.pg.restart(StopMode::Immediate).unwrap(),
-            5 => kill_walsender(&env.pg).await,
+            Fault::PgFastRestart => env.pg.restart(StopMode::Fast).unwrap(),
+            Fault::PgImmediateRestart => env.pg.restart(StopMode::Immediate).unwrap(),
+            Fault::WalsenderKilled => kill_walsender(&env.pg).await,
             // A burst: one transaction of 2,000 events on its own aggregate.
-            6 => {
+            Fault::Burst => {
                 if let Ok(client) = env.pg.connect(DB).await {
                     let _ = try_insert_events(&client, &format!("burst-{round}"), 0, 2000).await;
                 }
             }
             // The stream at its limit (discard new) for a while: publishing
             // stalls, nothing fails, and it resumes once the limit is lifted.
-            8 => {
+            Fault::StreamFull => {
                 let js = env.js().await;
                 if let Ok(mut stream) = js.get_stream(STREAM).await {
                     if let Ok(info) = stream.info().await {
@@ -241,7 +295,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
             // A synchronous standby that does not exist: commits block and
             // stay invisible (the stream decodes them all the same), then
             // it is released.
-            9 => {
+            Fault::StalledSyncStandby => {
                 if let Ok(client) = env.pg.connect(DB).await {
                     set_system(&client, "synchronous_standby_names", Some("nowhere")).await;
                     tokio::time::sleep(Duration::from_millis(rng.u64(1000..5000))).await;
@@ -249,7 +303,7 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
                 }
             }
             // A subject nats-server cannot take: a dead letter at once.
-            10 => {
+            Fault::OversizedSubject => {
                 if let Ok(client) = env.pg.connect(DB).await {
                     if client
                         .execute(
@@ -266,15 +320,26 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
             }
             // A NULL the contract has no room for, after a schema change:
             // the event fails alone, the stream goes on.
-            11 => {
+            Fault::UndecodableEvent => {
                 if let Ok(client) = env.pg.connect(DB).await {
                     if insert_undecodable(&client).await.is_ok() {
                         oversized += 1;
                     }
                 }
             }
+            // Every connection the tailers have open goes silent, the
+            // one way or the other; new ones pass.
+            Fault::SilentConnections => {
+                let how = if rng.bool() {
+                    Silence::Discard
+                } else {
+                    Silence::Stall
+                };
+                pg_proxy.silence(how, Which::All);
+                nats_proxy.silence(how, Which::All);
+            }
             // An event over max_payload: a dead letter, not in the stream.
-            _ => {
+            Fault::OversizedPayload => {
                 if let Ok(client) = env.pg.connect(DB).await {
                     if client
                         .execute(
@@ -293,9 +358,9 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
         let took = recovery(&env.pg, Duration::from_secs(60)).await;
         eprintln!(
             "[soak seed {seed}] round {round}: {} recovered in {took:.1?}",
-            FAULTS[fault]
+            fault.name()
         );
-        recoveries.entry(fault).or_default().push(took);
+        recoveries.entry(fault.name()).or_default().push(took);
     }
     load.stop().await;
 
@@ -345,12 +410,20 @@ async fn a_seeded_soak_of_mixed_faults_loses_and_duplicates_nothing() {
         seen.len(),
         out_of_order.len()
     );
-    let slowest = print_recoveries(&format!("soak seed {seed}"), &FAULTS, &mut recoveries);
+    let slowest = print_recoveries(&format!("soak seed {seed}"), &mut recoveries);
     assert!(
         slowest < Duration::from_secs(30),
         "[soak seed {seed}] a fault took {slowest:?} to recover from"
     );
     drop(standby);
+}
+
+/// What a round of the promotion soak adds to the primary's death.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    NatsDown,
+    WalsenderKilled,
+    Nothing,
 }
 
 /// PostgreSQL primary changes in a row: each round makes a standby of the
@@ -395,21 +468,21 @@ async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_ha
                 .pause(Duration::from_millis(5)),
         );
         tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
-        let extra = rng.u32(0..3);
-        eprintln!("[promotion soak seed {seed}] round {round}: extra fault {extra}");
+        let extra = [Extra::NatsDown, Extra::WalsenderKilled, Extra::Nothing][rng.usize(0..3)];
+        eprintln!("[promotion soak seed {seed}] round {round}: extra fault {extra:?}");
         match extra {
             // NATS down across the promotion.
-            0 => {
+            Extra::NatsDown => {
                 nats_stops += 1;
                 env.nats.stop(true);
             }
             // The walsender killed just before the primary dies.
-            1 => {
+            Extra::WalsenderKilled => {
                 let _ = db
                     .batch_execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active")
                     .await;
             }
-            _ => {}
+            Extra::Nothing => {}
         }
         // The first round's primary is the Env's own server.
         primary
@@ -417,7 +490,7 @@ async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_ha
             .unwrap_or(&mut env.pg)
             .stop(StopMode::Immediate);
         standby.promote().expect("promote");
-        if extra == 0 {
+        if extra == Extra::NatsDown {
             tokio::time::sleep(Duration::from_millis(rng.u64(500..2000))).await;
             env.nats.start_again().unwrap();
         }
@@ -465,15 +538,40 @@ async fn a_seeded_soak_of_primary_changes_publishes_every_row_the_new_primary_ha
     );
 }
 
-/// The fault kinds of the soak on a cluster, by the number it draws.
-const CLUSTER_FAULTS: [&str; 6] = [
-    "kill -9 stream leader",
-    "rolling stop of a node",
-    "kill -9 non-leader",
-    "kill -9 active tailer",
-    "walsender killed",
-    "PG fast restart",
-];
+/// The faults of the soak on a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClusterFault {
+    KillStreamLeader,
+    RollingStop,
+    KillNonLeader,
+    KillActiveTailer,
+    WalsenderKilled,
+    PgFastRestart,
+}
+
+impl ClusterFault {
+    const ALL: [ClusterFault; 6] = [
+        ClusterFault::KillStreamLeader,
+        ClusterFault::RollingStop,
+        ClusterFault::KillNonLeader,
+        ClusterFault::KillActiveTailer,
+        ClusterFault::WalsenderKilled,
+        ClusterFault::PgFastRestart,
+    ];
+}
+
+impl Named for ClusterFault {
+    fn name(self) -> &'static str {
+        match self {
+            ClusterFault::KillStreamLeader => "kill -9 stream leader",
+            ClusterFault::RollingStop => "rolling stop of a node",
+            ClusterFault::KillNonLeader => "kill -9 non-leader",
+            ClusterFault::KillActiveTailer => "kill -9 active tailer",
+            ClusterFault::WalsenderKilled => "walsender killed",
+            ClusterFault::PgFastRestart => "PG fast restart",
+        }
+    }
+}
 
 /// A tailer of the cluster soak and the port its metrics answer on.
 struct Metered {
@@ -549,7 +647,7 @@ async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
     use crate::cluster::{ClusterEnv, ELECTION};
     use outbox_testkit::free_port;
 
-    let rounds = env_number("SOAK_ROUNDS", CLUSTER_FAULTS.len() as u64);
+    let rounds = env_number("SOAK_ROUNDS", ClusterFault::ALL.len() as u64);
     let seed = env_number("SOAK_SEED", 7);
     let tag = format!("cluster soak seed {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -590,9 +688,9 @@ async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
             .pause(Duration::from_millis(15)),
     );
     let mut resends = Resends::default();
-    let mut recoveries: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
+    let mut recoveries: BTreeMap<&'static str, Vec<Duration>> = BTreeMap::new();
     let started = Instant::now();
-    let mut deck = Deck::new(CLUSTER_FAULTS.len());
+    let mut deck = Deck::new(&ClusterFault::ALL);
 
     for round in 0..rounds {
         let fault = deck.next(&mut rng).await;
@@ -609,44 +707,44 @@ async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
         // The node a fault took down, started again after the recovery.
         let mut down = None;
         let what = match fault {
-            0 => {
+            ClusterFault::KillStreamLeader => {
                 env.cluster(|c| c.kill(leader));
                 down = Some(leader);
-                format!("{} n{leader}", CLUSTER_FAULTS[fault])
+                format!("{} n{leader}", fault.name())
             }
-            1 => {
+            ClusterFault::RollingStop => {
                 let node = rng.usize(..env.nats.len());
                 env.cluster(|c| c.stop(node));
                 down = Some(node);
-                format!("{} n{node} (leader n{leader})", CLUSTER_FAULTS[fault])
+                format!("{} n{node} (leader n{leader})", fault.name())
             }
-            2 => {
+            ClusterFault::KillNonLeader => {
                 let followers: Vec<usize> = (0..env.nats.len()).filter(|&i| i != leader).collect();
                 let node = followers[rng.usize(..followers.len())];
                 env.cluster(|c| c.kill(node));
                 down = Some(node);
-                format!("{} n{node} (leader n{leader})", CLUSTER_FAULTS[fault])
+                format!("{} n{node} (leader n{leader})", fault.name())
             }
-            3 => {
+            ClusterFault::KillActiveTailer => {
                 resends.add(&active).await;
                 active.tailer.kill9();
                 active = standby;
                 standby = spawn(&env);
-                CLUSTER_FAULTS[fault].to_owned()
+                fault.name().to_owned()
             }
-            4 => {
+            ClusterFault::WalsenderKilled => {
                 kill_walsender(&env.pg).await;
-                CLUSTER_FAULTS[fault].to_owned()
+                fault.name().to_owned()
             }
-            _ => {
+            ClusterFault::PgFastRestart => {
                 env.pg.restart(StopMode::Fast).unwrap();
-                CLUSTER_FAULTS[fault].to_owned()
+                fault.name().to_owned()
             }
         };
         eprintln!("[{tag}] round {round}: {what}");
         let took = recovery(&env.pg, Duration::from_secs(60)).await;
         eprintln!("[{tag}] round {round}: recovered in {took:.1?}");
-        recoveries.entry(fault).or_default().push(took);
+        recoveries.entry(fault.name()).or_default().push(took);
         if let Some(node) = down {
             env.cluster(|c| c.start_again(node)).unwrap();
             env.cluster(|c| c.wait_current(STREAM, node, ELECTION))
@@ -698,7 +796,7 @@ async fn a_seeded_soak_on_a_nats_cluster_loses_and_duplicates_nothing() {
         rows.len(),
         breaks.len(),
     );
-    let slowest = print_recoveries(&tag, &CLUSTER_FAULTS, &mut recoveries);
+    let slowest = print_recoveries(&tag, &mut recoveries);
     assert_eq!(
         (missing, extra, duplicates, pending, failed),
         (0, 0, 0, 0, 0),
