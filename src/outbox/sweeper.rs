@@ -43,14 +43,29 @@ pub const ROW_COLUMNS: &str =
     "id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
      payload::text, \
      coalesce(to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', created_at::text)";
-/// The rows the sweeper may take: pending, due, created before the cutoff ($1).
+/// The rows the sweeper may take: pending, due, and either created before
+/// the cutoff ($1), or stamped in the future (a producer's clock ahead, up
+/// to `infinity`: only such a row has `created_at` after `now()`). The
+/// index answers this alone; `ended_before!` says which of the second kind
+/// the stream is past.
 macro_rules! due_rows {
     () => {
-        "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() AND created_at < $1"
+        "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
+         AND (created_at < $1 OR created_at > now())"
     };
 }
-/// Whether any row is due: one index probe, no lock, no turn taken.
+/// Whether any row is due: one index-only probe, no lock, no turn taken.
 pub const PROBE_SQL: &str = concat!("SELECT EXISTS (SELECT 1 ", due_rows!(), ")");
+/// A row stamped in the future goes only when the transaction that wrote
+/// it had ended before the stream's confirmed sample ($2: the oldest
+/// transaction then running, as the 32-bit id `xmin` is; `age` compares ids
+/// across a wrap): its commit is before the confirmed position, so the
+/// stream is past it and will never deliver it (again).
+macro_rules! ended_before {
+    () => {
+        " AND (created_at < $1 OR age(xmin) > age($2::text::xid))"
+    };
+}
 /// The batch: the first 500 due rows, cut where their payloads pass `$2`
 /// bytes (the first row always goes), locked. The sizes are measured on at
 /// most 500 rows, not on the whole backlog. The order is total: rows of one
@@ -70,20 +85,24 @@ const SWEEP_WHERE: &str = concat!(
     "SELECT id, ctid AS tid, next_retry_at, created_at, last_error IS NULL AS untried, ",
     "octet_length(payload::text) AS size ",
     due_rows!(),
+    ended_before!(),
     " ORDER BY next_retry_at, created_at, last_error IS NULL, ctid LIMIT 500) first ",
     "WINDOW w AS (ORDER BY next_retry_at, created_at, untried, tid)) sized ",
-    "WHERE n = 1 OR upto <= $2) ",
+    "WHERE n = 1 OR upto <= $3) ",
     "AND status = 'pending' AND next_retry_at <= now() ",
     "ORDER BY next_retry_at, created_at, last_error IS NULL, ctid FOR UPDATE SKIP LOCKED"
 );
 /// The server's time, then its WAL insert position (read in that order:
-/// every commit before the time was inserted before the position), and
-/// which server it is ([`timeline::IDENTITY_SQL`]'s columns): a position
-/// means something only on the timeline it was read on.
+/// every commit before the time was inserted before the position), which
+/// server it is ([`timeline::IDENTITY_SQL`]'s columns): a position means
+/// something only on the timeline it was read on; and the oldest
+/// transaction running at the statement's start (every older one had ended,
+/// its commit before the position).
 const SAMPLE_SQL: &str =
     "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, pg_current_wal_insert_lsn(), \
             (SELECT system_identifier::text FROM pg_control_system()), \
-            pg_walfile_name(pg_current_wal_insert_lsn())";
+            pg_walfile_name(pg_current_wal_insert_lsn()), \
+            pg_snapshot_xmin(pg_current_snapshot())::text";
 
 /// What the stream and the sweeper tell each other so that they do not both
 /// publish a row.
@@ -160,10 +179,14 @@ impl Boundary {
 struct Samples {
     /// The server the samples were read on.
     server: Option<ServerId>,
-    /// Not yet confirmed, oldest first: (µs since 2000-01-01, LSN).
-    waiting: VecDeque<(i64, u64)>,
+    /// Not yet confirmed, oldest first: (µs since 2000-01-01, LSN, the
+    /// oldest transaction running then, 64 bits).
+    waiting: VecDeque<(i64, u64, u64)>,
     /// The newest time up to which the stream has published everything.
     confirmed_at: Option<i64>,
+    /// The oldest transaction running at that time: every older one is
+    /// published, whatever its rows' `created_at` say.
+    confirmed_xmin: Option<u64>,
 }
 
 impl Samples {
@@ -171,7 +194,7 @@ impl Samples {
     /// few hours); past that the oldest go, which only delays sweeping.
     const MAX: usize = 4096;
 
-    fn push(&mut self, server: ServerId, at: i64, lsn: u64) {
+    fn push(&mut self, server: ServerId, at: i64, lsn: u64, xmin: u64) {
         if self.server != Some(server) {
             *self = Samples {
                 server: Some(server),
@@ -181,7 +204,7 @@ impl Samples {
         if self.waiting.len() == Self::MAX {
             self.waiting.pop_front();
         }
-        self.waiting.push_back((at, lsn));
+        self.waiting.push_back((at, lsn, xmin));
     }
 
     /// The newest time up to which the stream, having confirmed `confirmed`,
@@ -191,15 +214,26 @@ impl Samples {
             return None;
         }
         let confirmed = confirmed.lsn;
-        while let Some(&(at, lsn)) = self.waiting.front() {
+        while let Some(&(at, lsn, xmin)) = self.waiting.front() {
             if lsn > confirmed {
                 break;
             }
             self.confirmed_at = Some(at);
+            self.confirmed_xmin = Some(xmin);
             self.waiting.pop_front();
         }
         self.confirmed_at
     }
+}
+
+/// The sample's oldest running transaction (64 bits, as text).
+fn xmin_of(sample: &tokio_postgres::Row) -> Result<u64, SweepError> {
+    let text: String = sample.try_get(4)?;
+    text.parse().map_err(|_| {
+        SweepError::Internal(format!(
+            "the server's snapshot xmin {text:?} is not a number"
+        ))
+    })
 }
 
 /// What the sweeper works with.
@@ -258,12 +292,18 @@ impl Sweeper {
         let sample = db.query_one(SAMPLE_SQL, &[]).await?;
         let at = sample.get::<_, i64>(0) - PG_EPOCH_UNIX_MICROS;
         let server = timeline::parse(sample.get(2), sample.get(3));
-        self.samples
-            .push(server, at, u64::from(sample.get::<_, PgLsn>(1)));
+        self.samples.push(
+            server,
+            at,
+            u64::from(sample.get::<_, PgLsn>(1)),
+            xmin_of(&sample)?,
+        );
         let confirmed = *self.boundary.lock();
         let Some(confirmed_at) = self.samples.confirmed_at(confirmed) else {
             return Ok(swept);
         };
+        // As the 32-bit id a row's `xmin` is (see `due_rows`).
+        let ended_before = (self.samples.confirmed_xmin.unwrap_or(0) & 0xFFFF_FFFF).to_string();
         let age = i64::try_from(self.min_age.as_micros()).unwrap_or(i64::MAX);
         let cutoff = confirmed_at.saturating_sub(age);
         let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
@@ -287,7 +327,7 @@ impl Sweeper {
             let rows = tx
                 .query(
                     &format!("SELECT {ROW_COLUMNS}, retry_count {SWEEP_WHERE}"),
-                    &[&cutoff_time, &self.max_batch_bytes],
+                    &[&cutoff_time, &ended_before, &self.max_batch_bytes],
                 )
                 .await?;
             if rows.is_empty() {
@@ -509,9 +549,9 @@ mod tests {
             None,
             "no sample yet"
         );
-        samples.push(ONE, 1_000, 100);
-        samples.push(ONE, 2_000, 200);
-        samples.push(ONE, 3_000, 300);
+        samples.push(ONE, 1_000, 100, 0);
+        samples.push(ONE, 2_000, 200, 0);
+        samples.push(ONE, 3_000, 300, 0);
         assert_eq!(
             samples.confirmed_at(on(ONE, 0)),
             None,
@@ -527,7 +567,7 @@ mod tests {
         assert_eq!(samples.waiting.len(), 1);
         assert_eq!(samples.confirmed_at(on(ONE, 300)), Some(3_000));
         for i in 0..Samples::MAX as u64 + 10 {
-            samples.push(ONE, 4_000 + i as i64, 400 + i);
+            samples.push(ONE, 4_000 + i as i64, 400 + i, 0);
         }
         assert_eq!(samples.waiting.len(), Samples::MAX, "bounded");
         assert_eq!(
@@ -537,19 +577,30 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_running_transaction_goes_with_its_sample() {
+        let mut samples = Samples::default();
+        samples.push(ONE, 500, 800, 41);
+        samples.push(ONE, 600, 950, 42);
+        assert_eq!(samples.confirmed_at(on(ONE, 900)), Some(500));
+        assert_eq!(samples.confirmed_xmin, Some(41));
+        assert_eq!(samples.confirmed_at(on(ONE, 950)), Some(600));
+        assert_eq!(samples.confirmed_xmin, Some(42));
+    }
+
+    #[test]
     fn after_a_change_of_primary_only_the_new_timeline_counts() {
         let mut samples = Samples::default();
-        samples.push(ONE, 1_000, 900);
+        samples.push(ONE, 1_000, 900, 0);
         assert_eq!(samples.confirmed_at(on(ONE, 1_000)), Some(1_000));
         // The promoted standby's WAL goes on from where it had replayed,
         // below what the old primary had written and the stream confirmed.
-        samples.push(TWO, 2_000, 500);
+        samples.push(TWO, 2_000, 500, 0);
         assert_eq!(
             samples.confirmed_at(on(ONE, 1_000)),
             None,
             "the old timeline's position vouches for nothing on the new one"
         );
-        samples.push(TWO, 3_000, 600);
+        samples.push(TWO, 3_000, 600, 0);
         assert_eq!(
             samples.confirmed_at(on(TWO, 550)),
             Some(2_000),
