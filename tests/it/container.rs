@@ -20,7 +20,7 @@
 //!   data source resolves to the provisioned one.
 
 use crate::common::dockerfile;
-use crate::common::tools::{must, on_path, run, yaml_documents, Output};
+use crate::common::tools::{must, on_path, run, strings, yaml_documents, Output};
 use outbox_testkit::repo_root;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -369,13 +369,6 @@ fn container_files(service: &Value) -> tempfile::TempDir {
         }
     }
     dir
-}
-
-fn strings(value: &Value) -> Vec<&str> {
-    value
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default()
 }
 
 #[test]

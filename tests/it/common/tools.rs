@@ -92,3 +92,11 @@ pub fn yaml_documents(python: &Path, text: &str) -> Vec<Value> {
         other => panic!("not a list of documents: {other}"),
     }
 }
+
+/// The string items of a JSON array (none when it is not one).
+pub fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
