@@ -3,11 +3,11 @@
 
 use crate::backoff::Backoff;
 use crate::config::{Config, RequeueArgs};
-use crate::error::{Action, Error};
+use crate::error::{Action, Error, Internal};
 use crate::metrics::Metrics;
 use crate::outbox::retention;
 use crate::outbox::sweeper::{Boundary, Sweeper, Swept};
-use crate::publish::jetstream;
+use crate::publish::jetstream::{self, NatsError};
 use crate::publish::turn::PublishTurn;
 use crate::replication::setup::{self, SetupError};
 use crate::replication::timeline::PrimaryWatch;
@@ -34,11 +34,9 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
         jetstream::ensure_stream(&js, config),
     )
     .await
-    .map_err(|_| {
-        Error::Nats(format!(
-            "no answer from JetStream at {} within 30 s",
-            crate::config::redact_url(&config.nats_url)
-        ))
+    .map_err(|_| NatsError::NoAnswer {
+        url: crate::config::redact_url(&config.nats_url),
+        within: Duration::from_secs(30),
     })??;
     tracing::info!(slot = %config.slot, publication = %config.publication, stream = %config.stream, "setup complete");
     Ok(())
@@ -205,7 +203,7 @@ pub async fn prune(config: &Config, older_than: Duration) -> Result<u64, Error> 
     let db = setup::connect(config).await?;
     retention::prune(&db, older_than, &Metrics::new())
         .await
-        .map_err(|e| Error::Internal(e.to_string()))
+        .map_err(Error::Prune)
 }
 
 /// `--retention`: prunes every [`retention::interval`] until shutdown, on
@@ -287,7 +285,7 @@ pub async fn status(config: &Config, json: bool) -> Result<String, Error> {
     let db = setup::connect(config).await?;
     let stats = stats::query_full(&db, &config.slot).await?;
     if json {
-        serde_json::to_string(&stats).map_err(|e| Error::Internal(e.to_string()))
+        serde_json::to_string(&stats).map_err(|e| Internal::Json(e).into())
     } else {
         Ok(stats.to_text())
     }

@@ -10,9 +10,14 @@
 //!   everything not yet confirmed: nothing is lost, and JetStream's
 //!   de-duplication and the replay check drop the repeats.
 
+use crate::publish::jetstream::NatsError;
 use crate::replication::pgoutput::DecodeError;
 use crate::replication::setup::SetupError;
+use crate::tls::postgres::PgTlsError;
 
+/// Every error of the service, each variant with its typed cause, so that
+/// [`Error::action`] decides by what happened, never by which wrapper a
+/// call site picked.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -31,21 +36,66 @@ pub enum Error {
     #[error("PostgreSQL: {0}")]
     Database(#[from] tokio_postgres::Error),
     #[error("NATS: {0}")]
-    Nats(String),
-    /// NATS refused the credentials, or TLS to it failed: retrying with the
-    /// same settings cannot help.
-    #[error("NATS: {0}")]
-    NatsRefused(String),
-    /// TLS to PostgreSQL failed on certificates or settings, not the network.
-    #[error("PostgreSQL TLS: {0}")]
-    PostgresTls(String),
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    Nats(#[from] NatsError),
+    /// The replication connection's own TLS (the bridge, see
+    /// `tls::postgres`): the network's failure, or the certificates'.
+    #[error("replication connection to {server}: {error}")]
+    ReplicationTls {
+        server: String,
+        #[source]
+        error: PgTlsError,
+    },
+    #[error(transparent)]
+    Transient(#[from] Transient),
     /// A stage's channel closed: the stage behind it failed (its own error says why).
     #[error("the pipeline stopped")]
     PipelineClosed,
-    #[error("{0}")]
-    Internal(String),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+    /// `prune`: the function is missing, the role may not run it, or the
+    /// database failed.
+    #[error(transparent)]
+    Prune(#[from] crate::outbox::retention::PruneError),
+}
+
+/// The world is briefly not as a session needs it; a new session fixes it.
+#[derive(Debug, thiserror::Error)]
+pub enum Transient {
+    #[error("nothing from PostgreSQL on the replication connection for {0:?} (--replication-timeout), not even its keepalive: the connection went silent (a NAT, a load balancer or the network dropped it without closing); starting a new session")]
+    ReplicationSilent(std::time::Duration),
+    #[error("the server ended the replication stream")]
+    StreamEnded,
+    /// Two connections of one session reached different servers.
+    #[error("{first} and {second} are different servers: the primary is changing")]
+    PrimaryChanging { first: String, second: String },
+    #[error("no stream has answered for {id} for {after:?} (deleted?): starting a new session")]
+    StreamGone {
+        id: uuid::Uuid,
+        after: std::time::Duration,
+    },
+}
+
+/// A bug or a broken invariant: the process exits, and its supervisor
+/// (the container) restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum Internal {
+    /// A background task returned before shutdown (`supervise`).
+    #[error("the {0} stopped unexpectedly")]
+    TaskStopped(&'static str),
+    #[error("a background task panicked: {0}")]
+    TaskPanicked(String),
+    #[error("a background task was cancelled: {0}")]
+    TaskCancelled(#[source] tokio::task::JoinError),
+    #[error("the {0} stopped unexpectedly")]
+    StageStopped(&'static str),
+    #[error("the {stage} failed: {error}")]
+    StageFailed {
+        stage: &'static str,
+        #[source]
+        error: tokio::task::JoinError,
+    },
+    #[error("cannot write JSON: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// What to do about an error.
@@ -60,22 +110,28 @@ pub enum Action {
 impl Error {
     pub fn action(&self) -> Action {
         match self {
-            // Reported every attempt, and recovered from by itself once the
-            // operator drops the invalidated slot.
-            Error::Setup(SetupError::SlotLost(_)) => Action::Retry,
-            Error::Setup(_)
-            | Error::Decode(_)
-            | Error::DecodeAt { .. }
-            | Error::Internal(_)
-            | Error::NatsRefused(_)
-            | Error::PostgresTls(_) => Action::Stop,
-            Error::Nats(_) | Error::Unavailable(_) | Error::PipelineClosed => Action::Retry,
+            Error::Setup(error) => setup_action(error),
+            Error::Decode(_) | Error::DecodeAt { .. } | Error::Internal(_) | Error::Prune(_) => {
+                Action::Stop
+            }
+            Error::Transient(_) | Error::PipelineClosed => Action::Retry,
             Error::Database(error) => match error.code() {
                 // Lost privileges or a dropped table will not fix themselves.
                 Some(code) if code.code().starts_with("42") => Action::Stop,
                 _ => Action::Retry,
             },
             Error::Replication(error) => replication_action(error),
+            Error::Nats(error) => {
+                if error.refused() {
+                    Action::Stop
+                } else {
+                    Action::Retry
+                }
+            }
+            Error::ReplicationTls { error, .. } => match error {
+                PgTlsError::Io(_) => Action::Retry,
+                _ => Action::Stop,
+            },
         }
     }
 
@@ -84,6 +140,37 @@ impl Error {
     pub fn slot_in_use(&self) -> bool {
         matches!(self, Error::Replication(pgwire_replication::PgWireError::Server(text)) if text.contains("55006"))
     }
+}
+
+/// Set-up during a session: what the operator must fix stops, what the
+/// network or a restarting server did is retried.
+fn setup_action(error: &SetupError) -> Action {
+    match error {
+        // Reported every attempt, and recovered from by itself once the
+        // operator drops the invalidated slot.
+        SetupError::SlotLost(_) | SetupError::Unreachable { .. } => Action::Retry,
+        SetupError::Query(error) | SetupError::Slot { error, .. } if transient(error) => {
+            Action::Retry
+        }
+        _ => Action::Stop,
+    }
+}
+
+/// A failure of the connection or of the server's state, not of the
+/// request: no SQLSTATE (the connection closed, timed out, was reset), a
+/// connection exception (class 08), the server shutting down or starting
+/// (57P01-57P03), too many connections (53300), or a conflict to run again
+/// (40001, 40P01).
+pub(crate) fn transient(error: &tokio_postgres::Error) -> bool {
+    let Some(code) = error.code() else {
+        return true;
+    };
+    let code = code.code();
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+        )
 }
 
 fn replication_action(error: &pgwire_replication::PgWireError) -> Action {
@@ -150,9 +237,62 @@ mod tests {
                 Error::Replication(PgWireError::Auth("password authentication failed".into())),
                 Action::Stop,
             ),
-            (Error::Nats("timed out".into()), Action::Retry),
+            (Error::Transient(Transient::StreamEnded), Action::Retry),
             (
                 Error::Decode(DecodeError::MissingColumn("payload")),
+                Action::Stop,
+            ),
+        ];
+        for (error, action) in cases {
+            assert_eq!(error.action(), action, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_policy_reads_the_typed_cause_not_the_wrapper() {
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let cases = [
+            // Set-up during a session: the network's failures are retried,
+            // the operator's are not.
+            (
+                Error::Setup(SetupError::Unreachable {
+                    target: "db:5432".into(),
+                    reason: "connection refused".into(),
+                }),
+                Action::Retry,
+            ),
+            (
+                Error::Setup(SetupError::SlotLost("s".into())),
+                Action::Retry,
+            ),
+            (
+                Error::Setup(SetupError::WalLevel("replica".into())),
+                Action::Stop,
+            ),
+            (Error::Setup(SetupError::NoOutboxTable), Action::Stop),
+            // The replication connection's TLS: the network, or the settings.
+            (
+                Error::ReplicationTls {
+                    server: "db:5432".into(),
+                    error: PgTlsError::Io(io()),
+                },
+                Action::Retry,
+            ),
+            (
+                Error::ReplicationTls {
+                    server: "db:5432".into(),
+                    error: PgTlsError::NotOffered("require"),
+                },
+                Action::Stop,
+            ),
+            (
+                Error::Transient(Transient::ReplicationSilent(
+                    std::time::Duration::from_secs(20),
+                )),
+                Action::Retry,
+            ),
+            (
+                Error::Internal(Internal::TaskStopped("sweeper")),
                 Action::Stop,
             ),
         ];

@@ -4,7 +4,7 @@
 //! ends the process with an error, so the container restarts it instead of
 //! running on without catch-up.
 
-use crate::error::Error;
+use crate::error::{Error, Internal};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use std::future::Future;
@@ -49,7 +49,7 @@ impl Supervised {
                 continue;
             }
             let why = match ended {
-                Ok(name) => format!("the {name} stopped unexpectedly"),
+                Ok(name) => Internal::TaskStopped(name),
                 Err(join) if join.is_panic() => {
                     let message = join
                         .into_panic()
@@ -57,13 +57,13 @@ impl Supervised {
                         .map(|s| *s)
                         .or_else(|p| p.downcast::<&str>().map(|s| (*s).to_owned()))
                         .unwrap_or_else(|_| "a panic".to_owned());
-                    format!("a background task panicked: {message}")
+                    Internal::TaskPanicked(message)
                 }
-                Err(join) => format!("a background task was cancelled: {join}"),
+                Err(join) => Internal::TaskCancelled(join),
             };
             self.metrics.task_failures.inc();
             tracing::error!("{why}; exiting so that the process is restarted");
-            return Error::Internal(why);
+            return why.into();
         }
     }
 }

@@ -18,7 +18,7 @@ const PAUSE: Duration = Duration::from_millis(5);
 const PRUNE_SQL: &str = "SELECT outbox_prune(make_interval(secs => $1), $2)";
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PruneError {
+pub enum PruneError {
     #[error("outbox_prune() is missing: run `alembic upgrade head` (revision 0004_outbox_retention), or psql -f sql/schema.sql")]
     Missing,
     #[error("the role may not prune: GRANT EXECUTE ON FUNCTION outbox_prune(interval, integer) TO <role> (sql/roles.sql)")]

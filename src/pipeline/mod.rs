@@ -22,7 +22,7 @@ mod reader;
 pub(crate) mod window;
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, Internal, Transient};
 use crate::event::OutboxRow;
 use crate::metrics::Metrics;
 use crate::outbox::marker::Marker;
@@ -165,9 +165,7 @@ impl Opened {
         sweep: &Boundary,
         primary: &mut PrimaryWatch,
     ) -> Result<Opened, Error> {
-        let (db, endpoint) = setup::connect_endpoint(config)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let (db, endpoint) = setup::connect_endpoint(config).await?;
         let server = timeline::query(&db).await?;
         let marker = Marker::prepare(&db, config.event_logs).await?;
         let mut marking = vec![Arc::new(Marking {
@@ -208,13 +206,14 @@ async fn another_session(
     endpoint: &Endpoint,
     server: ServerId,
 ) -> Result<Client, Error> {
-    let client = setup::connect_to(config, endpoint)
-        .await
-        .map_err(|e| Error::Unavailable(e.to_string()))?;
-    if timeline::query(&client).await? != server {
-        return Err(Error::Unavailable(format!(
-            "another session to {endpoint} reached another server than the first: the primary is changing"
-        )));
+    let client = setup::connect_to(config, endpoint).await?;
+    let reached = timeline::query(&client).await?;
+    if reached != server {
+        return Err(Transient::PrimaryChanging {
+            first: format!("the first session's server ({server})"),
+            second: format!("another session's to {endpoint} ({reached})"),
+        }
+        .into());
     }
     Ok(client)
 }
@@ -331,7 +330,7 @@ async fn stream_until_done(
                         Some(handled) => handled,
                         None => break None,
                     },
-                    Ok(None) => Err(Error::Unavailable("the server ended the replication stream".into())),
+                    Ok(None) => Err(Transient::StreamEnded.into()),
                     Err(error) => Err(error.into()),
                 };
                 if let Err(error) = handled {
@@ -340,10 +339,7 @@ async fn stream_until_done(
                 waiting_since = Instant::now();
             }
             _ = tokio::time::sleep_until((waiting_since + config.replication_timeout).into()) => {
-                break Some(Error::Unavailable(format!(
-                    "nothing from PostgreSQL on the replication connection for {:?} (--replication-timeout), not even its keepalive: the connection went silent (a NAT, a load balancer or the network dropped it without closing); starting a new session",
-                    config.replication_timeout
-                )));
+                break Some(Transient::ReplicationSilent(config.replication_timeout).into());
             }
         }
     };
@@ -430,11 +426,14 @@ async fn wait_for_feedback(stream: &ReplicationClient, lsn: Lsn) {
     }
 }
 
-fn stage_failure(stage: &str, ended: Result<Result<(), Error>, tokio::task::JoinError>) -> Error {
+fn stage_failure(
+    stage: &'static str,
+    ended: Result<Result<(), Error>, tokio::task::JoinError>,
+) -> Error {
     match ended {
         Ok(Err(error)) => error,
-        Ok(Ok(())) => Error::Internal(format!("the {stage} stopped unexpectedly")),
-        Err(join) => Error::Internal(format!("the {stage} failed: {join}")),
+        Ok(Ok(())) => Internal::StageStopped(stage).into(),
+        Err(error) => Internal::StageFailed { stage, error }.into(),
     }
 }
 

@@ -18,7 +18,7 @@
 
 use super::window::Window;
 use super::{Batch, Item};
-use crate::error::Error;
+use crate::error::{Error, Transient};
 use crate::metrics::Metrics;
 use crate::outbox::{attempts, visibility};
 use crate::pgtime::{seconds_since, unix_seconds};
@@ -241,10 +241,11 @@ impl Publisher {
         if failure == Failure::Leaderless {
             let since = *self.leaderless_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= STREAM_GONE_AFTER {
-                return Err(Error::Unavailable(format!(
-                    "no stream has answered for {} for {STREAM_GONE_AFTER:?} (deleted?): starting a new session",
-                    head.row.id
-                )));
+                return Err(Transient::StreamGone {
+                    id: head.row.id,
+                    after: STREAM_GONE_AFTER,
+                }
+                .into());
             }
         }
         let verdict = verdict(failure, head.attempts, self.max_retries);

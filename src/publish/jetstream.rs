@@ -8,6 +8,50 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// What went wrong with NATS, by kind: [`NatsError::refused`] says whether
+/// retrying with the same settings can help.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// The first connection attempt failed; see [`refusal`] for which
+    /// failures are the settings' (credentials, TLS) and not the network's.
+    #[error("{}", describe_connect(.0))]
+    Connect(#[source] async_nats::ConnectError),
+    /// A credential file named by a flag cannot be read.
+    #[error("cannot read --{flag} {}: {error}", .path.display())]
+    CredentialFile {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("cannot get or create stream {stream}: {error}{hint}")]
+    Stream {
+        stream: String,
+        /// What the operator may have got wrong, or nothing.
+        hint: String,
+        #[source]
+        error: jetstream::context::CreateStreamError,
+    },
+    #[error("no answer from JetStream at {url} within {within:?}")]
+    NoAnswer { url: String, within: Duration },
+}
+
+impl NatsError {
+    /// True when NATS refused the settings (credentials, TLS verification,
+    /// an unreadable credential file): retrying cannot help.
+    pub(crate) fn refused(&self) -> bool {
+        match self {
+            NatsError::Connect(error) => refusal(error).is_some(),
+            NatsError::CredentialFile { .. } => true,
+            NatsError::Stream { .. } | NatsError::NoAnswer { .. } => false,
+        }
+    }
+}
+
+fn describe_connect(error: &async_nats::ConnectError) -> String {
+    refusal(error).unwrap_or_else(|| format!("cannot connect: {error}"))
+}
+
 /// Publishes in flight at once (acks not yet received): deep enough to keep
 /// the connection busy, small enough that a stalled server holds little.
 pub(crate) const PUBLISH_WINDOW: usize = 4096;
@@ -40,8 +84,8 @@ pub(crate) async fn connect(
         Ok(client) => return Ok((client, connects)),
         Err(error) => error,
     };
-    if let Some(refused) = refusal(&error) {
-        return Err(Error::NatsRefused(refused));
+    if refusal(&error).is_some() {
+        return Err(NatsError::Connect(error).into());
     }
     tracing::warn!(%error, "NATS unreachable; connecting in the background, publishing waits for it");
     let client = options(config, metrics, connects_tx)
@@ -49,7 +93,7 @@ pub(crate) async fn connect(
         .retry_on_initial_connect()
         .connect(servers)
         .await
-        .map_err(|e| Error::Nats(format!("cannot connect: {e}")))?;
+        .map_err(NatsError::Connect)?;
     Ok((client, connects))
 }
 
@@ -103,13 +147,23 @@ async fn options(
             options.user_and_password(user.clone(), password.clone())
         }
         NatsAuth::Token(token) => options.token(token.clone()),
-        NatsAuth::Creds(path) => options.credentials_file(path).await.map_err(|e| {
-            Error::NatsRefused(format!("cannot read --nats-creds {}: {e}", path.display()))
-        })?,
+        NatsAuth::Creds(path) => {
+            options
+                .credentials_file(path)
+                .await
+                .map_err(|error| NatsError::CredentialFile {
+                    flag: "nats-creds",
+                    path: path.clone(),
+                    error,
+                })?
+        }
         NatsAuth::Nkey(path) => {
-            let seed = std::fs::read_to_string(path).map_err(|e| {
-                Error::NatsRefused(format!("cannot read --nats-nkey {}: {e}", path.display()))
-            })?;
+            let seed =
+                std::fs::read_to_string(path).map_err(|error| NatsError::CredentialFile {
+                    flag: "nats-nkey",
+                    path: path.clone(),
+                    error,
+                })?;
             options.nkey(seed.trim().to_owned())
         }
     };
@@ -154,20 +208,21 @@ pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> R
         num_replicas: config.stream_replicas,
         ..Default::default()
     };
-    let stream = js.get_or_create_stream(wanted).await.map_err(|e| {
-        let hint = if config.stream_replicas > 1 {
-            format!(
-                " (--stream-replicas {} needs a JetStream cluster of at least that many servers)",
-                config.stream_replicas
-            )
-        } else {
-            String::new()
-        };
-        Error::Nats(format!(
-            "cannot get or create stream {}: {e}{hint}",
-            config.stream
-        ))
-    })?;
+    let stream = js
+        .get_or_create_stream(wanted)
+        .await
+        .map_err(|error| NatsError::Stream {
+            stream: config.stream.clone(),
+            hint: if config.stream_replicas > 1 {
+                format!(
+                    " (--stream-replicas {} needs a JetStream cluster of at least that many servers)",
+                    config.stream_replicas
+                )
+            } else {
+                String::new()
+            },
+            error,
+        })?;
     let info = stream.cached_info();
     if !info
         .config

@@ -35,8 +35,12 @@ pub enum SetupError {
     SlotLost(String),
     #[error("--slot-failover needs PostgreSQL 17 or later (failover slots), but the server is PostgreSQL {version}: drop --slot-failover (OUTBOX_SLOT_FAILOVER), or upgrade PostgreSQL")]
     SlotFailoverUnsupported { version: String },
-    #[error("cannot create replication slot {name:?}: {reason}")]
-    Slot { name: String, reason: String },
+    #[error("cannot create replication slot {name:?}: {}", error_text(.error))]
+    Slot {
+        name: String,
+        #[source]
+        error: tokio_postgres::Error,
+    },
     #[error("cannot listen on --metrics-addr {addr}: {reason}")]
     MetricsAddr {
         addr: std::net::SocketAddr,
@@ -298,9 +302,9 @@ pub(crate) async fn ensure_slot(
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
             Ok(Slot::Existed)
         }
-        Err(e) => Err(SetupError::Slot {
+        Err(error) => Err(SetupError::Slot {
             name: name.to_owned(),
-            reason: error_text(&e),
+            error,
         }),
     }
 }

@@ -2,10 +2,10 @@
 //! the server the query connection chose.
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, Transient};
 use crate::replication::hosts::Endpoint;
 use crate::replication::timeline::{self, ServerId};
-use crate::tls::postgres::{replication_bridge, BridgeAddr, PgTlsError, SslMode};
+use crate::tls::postgres::{replication_bridge, BridgeAddr, SslMode};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
 use std::time::Duration;
 use tokio_postgres::config::Host;
@@ -127,13 +127,9 @@ pub(crate) async fn open(
                 config.replication_timeout,
             )
             .await
-            .map_err(|error| match error {
-                PgTlsError::Io(io) => {
-                    Error::Unavailable(format!("replication connection to {server}: {io}"))
-                }
-                refused => {
-                    Error::PostgresTls(format!("replication connection to {server}: {refused}"))
-                }
+            .map_err(|error| Error::ReplicationTls {
+                server: server.to_string(),
+                error,
             })?;
             Some(local)
         }
@@ -150,9 +146,11 @@ pub(crate) async fn open(
         // The primary changed between the two connections (a promotion in
         // progress): the next session looks again.
         client.abort();
-        return Err(Error::Unavailable(format!(
-            "the replication connection to {server} reached {reached}, the query connection {expected}: the primary is changing"
-        )));
+        return Err(Transient::PrimaryChanging {
+            first: format!("the query connection's ({expected})"),
+            second: format!("the replication connection's to {server} ({reached})"),
+        }
+        .into());
     }
     client.start().await?;
     client.wait_started().await?;

@@ -29,7 +29,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// A TLS setting that cannot work; the message names the file or flag.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TlsError {
+pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
     Read {
         what: &'static str,

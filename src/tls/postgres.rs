@@ -250,7 +250,7 @@ fn default_root_cert(
 /// Why TLS to PostgreSQL could not be set up. `Io` is the network's (retry);
 /// the others need the operator.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PgTlsError {
+pub enum PgTlsError {
     #[error(transparent)]
     Config(#[from] TlsError),
     #[error("the server does not accept TLS, and sslmode={0} requires it")]

@@ -200,3 +200,67 @@ async fn a_sigterm_hands_over_to_the_standby_within_5_seconds() {
         "the standby took {gap:?} after the exit"
     );
 }
+
+/// A transient failure inside a session's slot set-up (here the connection
+/// creating the slot is terminated, as a restarting server or a cut
+/// connection would end it) is retried like any outage: the tailer does
+/// not exit, recreates the slot, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_while_the_slot_is_created_is_retried() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let mut tailer = env.streaming(&db, &["run", "--sweep-min-age", "0"]).await;
+    insert_events(&db, "before", 0, 10).await;
+
+    // A transaction with an id, left open: creating a slot waits for it.
+    let (holder, connection) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    // The slot goes away under the tailer: its next session creates it.
+    wait_for("the slot dropped", Duration::from_secs(30), || async {
+        let _ = db
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active",
+            )
+            .await;
+        db.batch_execute(&format!("SELECT pg_drop_replication_slot('{SLOT}')"))
+            .await
+            .ok()
+    })
+    .await;
+    // Cut the connection exactly while it creates the slot.
+    let pid: i32 = wait_for("the tailer creating the slot", Duration::from_secs(30), || async {
+        db.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_create_logical_replication_slot%' \
+             AND pid <> pg_backend_pid() AND application_name = 'outbox-tailer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
+    })
+    .await;
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !holds_slot(&db, &tailer).await {
+        if let Some(status) = tailer.child.try_wait().unwrap() {
+            panic!(
+                "the tailer exited ({status}) instead of retrying:\n{}",
+                tailer.output()
+            );
+        }
+        assert!(Instant::now() < deadline, "{}", tailer.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    insert_events(&db, "after", 0, 10).await;
+    assert_every_row_published_once(&db, &env.js().await, STREAM, Duration::from_secs(60)).await;
+}
