@@ -21,10 +21,10 @@ use crate::event::OutboxRow;
 use crate::outbox::attempts;
 use crate::outbox::marker::Marker;
 use crate::pgtime::PG_EPOCH_UNIX_MICROS;
-use crate::pipeline::window::Window;
 use crate::publish::chain::Chain;
 use crate::publish::policy::{classify, never_sent, verdict, Failure};
 use crate::publish::turn::PublishTurn;
+use crate::publish::window::Window;
 use crate::replication::timeline::{self, ServerId};
 use async_nats::jetstream;
 use std::collections::{HashMap, VecDeque};
@@ -393,7 +393,7 @@ impl Sweeper {
         for (row, count) in batch {
             let ack = chain.send(&row).await;
             retries.insert(row.id, count);
-            window.push_event(row, (0, 0), ack, None);
+            window.push_event(row, (0, 0), ack, ());
         }
         let mut settled = Settled::default();
         // The chain broke under us (another publisher wrote meanwhile):

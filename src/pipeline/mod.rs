@@ -19,7 +19,6 @@ pub(crate) mod budget;
 mod marking;
 mod publisher;
 mod reader;
-pub(crate) mod window;
 
 use crate::config::Config;
 use crate::error::{Error, Internal, Transient};

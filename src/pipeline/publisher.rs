@@ -16,7 +16,7 @@
 //! (the event is already in the stream); marking in few, large statements
 //! saves the database a statement and a commit per handful of events.
 
-use super::window::Window;
+use super::budget::Held;
 use super::{Batch, Item};
 use crate::error::{Error, Transient};
 use crate::metrics::Metrics;
@@ -26,6 +26,7 @@ use crate::publish::chain::{AckFuture, Chain};
 use crate::publish::jetstream::PUBLISH_WINDOW;
 use crate::publish::policy::{classify, never_sent, verdict, Failure};
 use crate::publish::turn::{PublishTurn, PUBLISHER_SHARE};
+use crate::publish::window::Window;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
 use std::sync::Arc;
@@ -59,7 +60,7 @@ pub(super) struct Publisher {
     /// may be lost, and would otherwise wait out their ack timeout.
     connects: watch::Receiver<u64>,
     /// Sent events awaiting their acks, and the positions behind them.
-    window: Window<AckFuture>,
+    window: Window<AckFuture, Held>,
     batch: Batch,
     /// When the oldest item of the current batch arrived.
     since: Instant,
@@ -139,7 +140,7 @@ impl Publisher {
                     Some(Item::Event { row, committed_at, xid, held }) => {
                         let ack = self.chain.send(&row).await;
                         self.metrics.in_flight.inc();
-                        self.window.push_event(row, (committed_at, xid), ack, Some(held));
+                        self.window.push_event(row, (committed_at, xid), ack, held);
                     }
                     Some(Item::Confirm(lsn)) => self.window.push_position(lsn),
                     None => open = false,
@@ -357,7 +358,7 @@ impl Drop for Publisher {
 
 /// The ack of the oldest event in the window; never completes while the
 /// window holds none.
-async fn front_ack(window: &mut Window<AckFuture>) -> Result<PublishAck, PublishError> {
+async fn front_ack(window: &mut Window<AckFuture, Held>) -> Result<PublishAck, PublishError> {
     match window.front_mut() {
         Some(sent) => (&mut sent.ack).await,
         None => std::future::pending().await,

@@ -10,9 +10,9 @@
 //! re-sent event that was stored after all is acked as a duplicate.
 
 use crate::event::OutboxRow;
-use crate::pipeline::window::Window;
 use crate::publish::message::Message;
 use crate::publish::policy::{never_sent, refuse};
+use crate::publish::window::Window;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -85,7 +85,7 @@ impl Chain {
 
     /// Go-back-N: sends every event in the window again, oldest first, the
     /// first unchained (everything before it is acked). Returns how many.
-    pub(crate) async fn resend(&mut self, window: &mut Window<AckFuture>) -> usize {
+    pub(crate) async fn resend<H>(&mut self, window: &mut Window<AckFuture, H>) -> usize {
         self.restart();
         let mut sent = 0;
         for event in window.events_mut() {

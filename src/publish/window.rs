@@ -8,14 +8,16 @@
 //! - a position comes out only once every event before it has settled: it is
 //!   safe to confirm once those events are marked;
 //! - go-back-N walks every event still in the window, oldest first.
+//!
+//! What an event keeps until it settles (the stream's share of the byte
+//! budget; nothing for the sweeper) is a type parameter too.
 
-use super::budget::Held;
 use crate::event::OutboxRow;
 use pgwire_replication::Lsn;
 use std::collections::VecDeque;
 
 /// An event sent and not yet settled.
-pub(crate) struct Sent<A> {
+pub(crate) struct Sent<A, H = ()> {
     pub(crate) row: OutboxRow,
     /// Its transaction's commit time (µs since 2000-01-01), for latency.
     pub(crate) committed_at: i64,
@@ -25,25 +27,25 @@ pub(crate) struct Sent<A> {
     pub(crate) attempts: u32,
     /// What answers its publish (the JetStream ack future).
     pub(crate) ack: A,
-    /// Its share of the byte budget, returned when it settles.
-    _held: Option<Held>,
+    /// Kept until it settles, then dropped (its share of the byte budget).
+    _held: H,
 }
 
 /// Nearly every slot is an event, so boxing it would only add an allocation
 /// per event.
 #[allow(clippy::large_enum_variant)]
-enum Slot<A> {
-    Event(Sent<A>),
+enum Slot<A, H> {
+    Event(Sent<A, H>),
     Confirm(Lsn),
 }
 
-pub(crate) struct Window<A> {
-    slots: VecDeque<Slot<A>>,
+pub(crate) struct Window<A, H = ()> {
+    slots: VecDeque<Slot<A, H>>,
     /// Events among `slots`, kept so the count costs nothing per loop.
     events: usize,
 }
 
-impl<A> Window<A> {
+impl<A, H> Window<A, H> {
     pub(crate) fn new() -> Self {
         Window {
             slots: VecDeque::new(),
@@ -70,7 +72,7 @@ impl<A> Window<A> {
         row: OutboxRow,
         (committed_at, xid): (i64, u32),
         ack: A,
-        held: Option<Held>,
+        held: H,
     ) {
         self.events += 1;
         self.slots.push_back(Slot::Event(Sent {
@@ -100,7 +102,7 @@ impl<A> Window<A> {
     }
 
     /// The oldest event, if nothing but events stands before it.
-    pub(crate) fn front_mut(&mut self) -> Option<&mut Sent<A>> {
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Sent<A, H>> {
         match self.slots.front_mut() {
             Some(Slot::Event(sent)) => Some(sent),
             _ => None,
@@ -109,7 +111,7 @@ impl<A> Window<A> {
 
     /// Removes the oldest event (acked, or a dead letter). `None` when the
     /// front is a position: take it first.
-    pub(crate) fn settle_front(&mut self) -> Option<Sent<A>> {
+    pub(crate) fn settle_front(&mut self) -> Option<Sent<A, H>> {
         match self.slots.front() {
             Some(Slot::Event(_)) => {}
             _ => return None,
@@ -124,7 +126,7 @@ impl<A> Window<A> {
     }
 
     /// Every event in the window, oldest first (go-back-N sends them again).
-    pub(crate) fn events_mut(&mut self) -> impl Iterator<Item = &mut Sent<A>> {
+    pub(crate) fn events_mut(&mut self) -> impl Iterator<Item = &mut Sent<A, H>> {
         self.slots.iter_mut().filter_map(|slot| match slot {
             Slot::Event(sent) => Some(sent),
             Slot::Confirm(_) => None,
@@ -154,10 +156,10 @@ mod tests {
     /// A window of events 1, 2 | position 10 | event 3 | position 20, 30.
     fn window() -> Window<&'static str> {
         let mut w = Window::new();
-        w.push_event(row(1), (0, 0), "ack-1", None);
-        w.push_event(row(2), (0, 0), "ack-2", None);
+        w.push_event(row(1), (0, 0), "ack-1", ());
+        w.push_event(row(2), (0, 0), "ack-2", ());
         w.push_position(Lsn(10));
-        w.push_event(row(3), (0, 0), "ack-3", None);
+        w.push_event(row(3), (0, 0), "ack-3", ());
         w.push_position(Lsn(20));
         w.push_position(Lsn(30));
         w
