@@ -135,6 +135,15 @@ fn selects(selector: &Value, labels: &Value) -> bool {
     !wanted.is_empty() && wanted.iter().all(|(k, v)| &labels[k] == v)
 }
 
+/// The items of `spec.<list>`, a list the kind needs at least one of.
+fn required<'a>(spec: &'a Value, list: &str, problems: &mut Vec<String>) -> &'a [Value] {
+    let items = spec[list].as_array().map_or(&[][..], Vec::as_slice);
+    if items.is_empty() {
+        problems.push(format!("no spec.{list}"));
+    }
+    items
+}
+
 /// What is wrong with a Prometheus Operator object, for the fields this
 /// deployment uses (kubernetes-validate has no schema for them).
 fn custom_resource_problems(object: &Value) -> Vec<String> {
@@ -142,20 +151,16 @@ fn custom_resource_problems(object: &Value) -> Vec<String> {
     let spec = &object["spec"];
     let known: &[&str] = match object["kind"].as_str() {
         Some("PodMonitor") => {
+            for endpoint in required(spec, "podMetricsEndpoints", &mut problems) {
+                if !endpoint["port"].is_string() {
+                    problems.push(format!("endpoint without a port name: {endpoint}"));
+                }
+            }
             if spec["selector"]["matchLabels"]
                 .as_object()
                 .is_none_or(|m| m.is_empty())
             {
                 problems.push("spec.selector.matchLabels is empty".to_owned());
-            }
-            let endpoints = spec["podMetricsEndpoints"].as_array();
-            if endpoints.is_none_or(|e| e.is_empty()) {
-                problems.push("no spec.podMetricsEndpoints".to_owned());
-            }
-            for endpoint in endpoints.into_iter().flatten() {
-                if !endpoint["port"].is_string() {
-                    problems.push(format!("endpoint without a port name: {endpoint}"));
-                }
             }
             &[
                 "jobLabel",
@@ -165,11 +170,7 @@ fn custom_resource_problems(object: &Value) -> Vec<String> {
             ]
         }
         Some("PrometheusRule") => {
-            let groups = spec["groups"].as_array();
-            if groups.is_none_or(|g| g.is_empty()) {
-                problems.push("no spec.groups".to_owned());
-            }
-            for group in groups.into_iter().flatten() {
+            for group in required(spec, "groups", &mut problems) {
                 if !group["name"].is_string() {
                     problems.push(format!("a group without a name: {group}"));
                 }
