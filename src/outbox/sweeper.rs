@@ -9,7 +9,7 @@
 //! only takes rows created well before the time up to which the stream has
 //! published every committed transaction (known exactly from samples of the
 //! server's time and WAL position, see [`Samples`], and the stream's
-//! confirmed position, [`Boundary`]), and the stream checks a row created
+//! confirmed position, [`Boundary`], both in `outbox::boundary`), and the stream checks a row created
 //! before the sweeper's cutoff before publishing it (a long transaction can
 //! commit a row with an old `created_at`). Each batch is published in the
 //! sweeper's own turn ([`PublishTurn`]), so it never lands between two
@@ -19,17 +19,18 @@
 use crate::config::Config;
 use crate::event::OutboxRow;
 use crate::outbox::attempts;
+use crate::outbox::boundary::{Boundary, Samples};
 use crate::outbox::marker::Marker;
 use crate::pgtime::PG_EPOCH_UNIX_MICROS;
 use crate::publish::chain::Chain;
 use crate::publish::policy::{classify, never_sent, verdict, Failure};
 use crate::publish::turn::PublishTurn;
 use crate::publish::window::Window;
-use crate::replication::timeline::{self, ServerId};
+use crate::replication::timeline;
 use async_nats::jetstream;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use pgwire_replication::Lsn;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Transaction};
@@ -104,128 +105,6 @@ const SAMPLE_SQL: &str =
             pg_walfile_name(pg_current_wal_insert_lsn()), \
             pg_snapshot_xmin(pg_current_snapshot())::text";
 
-/// What the stream and the sweeper tell each other so that they do not both
-/// publish a row.
-#[derive(Debug, Default)]
-pub(crate) struct Boundary {
-    /// Where the stream stands: the server it streams from, and the WAL
-    /// position up to which it has published and marked every transaction.
-    confirmed: Mutex<Confirmed>,
-    /// The sweeper may have taken rows created before this (microseconds
-    /// since 2000-01-01; 0: none taken).
-    swept_before: AtomicI64,
-}
-
-/// The stream's confirmed position, on the server it was confirmed on.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Confirmed {
-    /// None until a session has started.
-    server: Option<ServerId>,
-    /// Only increasing while the server stays the same (0: nothing yet).
-    lsn: u64,
-}
-
-impl Boundary {
-    /// A session streams from `server`. After a change of primary the old
-    /// timeline's position means nothing on the new one (the new slot starts
-    /// elsewhere): the stream's progress starts again from nothing.
-    pub(crate) fn streaming_from(&self, server: ServerId) {
-        let mut confirmed = self.lock();
-        if confirmed.server != Some(server) {
-            *confirmed = Confirmed {
-                server: Some(server),
-                lsn: 0,
-            };
-        }
-    }
-
-    /// The stream confirmed `lsn` to the server.
-    pub(crate) fn confirmed(&self, lsn: u64) {
-        let mut confirmed = self.lock();
-        confirmed.lsn = confirmed.lsn.max(lsn);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Confirmed> {
-        // Two plain fields, never left half-written: a poisoned lock holds a
-        // consistent value.
-        self.confirmed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// True once the sweeper has taken rows: only then must the stream look
-    /// rows up (and parse their `created_at`) at all.
-    pub(crate) fn sweeping(&self) -> bool {
-        self.swept_before.load(Ordering::Relaxed) != 0
-    }
-
-    /// True when a row created at `created_at` may have been swept already.
-    pub(crate) fn maybe_swept(&self, created_at: i64) -> bool {
-        created_at < self.swept_before.load(Ordering::Relaxed)
-    }
-}
-
-/// Pairs of (server time, WAL insert position) the sweeper samples. Every
-/// transaction that committed before a sample's time has its commit record
-/// before the sample's position; once the stream has confirmed that
-/// position, every such transaction is published and marked. So the time of
-/// the newest confirmed sample is exact, whatever the lag, and needs neither
-/// commit timestamps nor the tailer's clock.
-///
-/// Samples and confirmations compare only on one server: after a change of
-/// primary the samples start again, and none counts until the stream
-/// streams from the sweeper's server (a promoted standby's new slot never
-/// confirms the old timeline's positions, which would hold sweeping up for
-/// ever, nor must the old timeline's confirmations vouch for the new one).
-#[derive(Debug, Default)]
-struct Samples {
-    /// The server the samples were read on.
-    server: Option<ServerId>,
-    /// Not yet confirmed, oldest first: (µs since 2000-01-01, LSN, the
-    /// oldest transaction running then, 64 bits).
-    waiting: VecDeque<(i64, u64, u64)>,
-    /// The newest time up to which the stream has published everything.
-    confirmed_at: Option<i64>,
-    /// The oldest transaction running at that time: every older one is
-    /// published, whatever its rows' `created_at` say.
-    confirmed_xmin: Option<u64>,
-}
-
-impl Samples {
-    /// Samples kept while the stream is behind (at the sweep interval, a
-    /// few hours); past that the oldest go, which only delays sweeping.
-    const MAX: usize = 4096;
-
-    fn push(&mut self, server: ServerId, at: i64, lsn: u64, xmin: u64) {
-        if self.server != Some(server) {
-            *self = Samples {
-                server: Some(server),
-                ..Samples::default()
-            };
-        }
-        if self.waiting.len() == Self::MAX {
-            self.waiting.pop_front();
-        }
-        self.waiting.push_back((at, lsn, xmin));
-    }
-
-    /// The newest time up to which the stream, having confirmed `confirmed`,
-    /// has published every committed transaction.
-    fn confirmed_at(&mut self, confirmed: Confirmed) -> Option<i64> {
-        if confirmed.server.is_none() || confirmed.server != self.server {
-            return None;
-        }
-        let confirmed = confirmed.lsn;
-        while let Some(&(at, lsn, xmin)) = self.waiting.front() {
-            if lsn > confirmed {
-                break;
-            }
-            self.confirmed_at = Some(at);
-            self.confirmed_xmin = Some(xmin);
-            self.waiting.pop_front();
-        }
-        self.confirmed_at
-    }
-}
-
 /// The sample's oldest running transaction (64 bits, as text).
 fn xmin_of(sample: &tokio_postgres::Row) -> Result<u64, SweepError> {
     let text: String = sample.try_get(4)?;
@@ -295,15 +174,15 @@ impl Sweeper {
         self.samples.push(
             server,
             at,
-            u64::from(sample.get::<_, PgLsn>(1)),
+            Lsn(u64::from(sample.get::<_, PgLsn>(1))),
             xmin_of(&sample)?,
         );
-        let confirmed = *self.boundary.lock();
+        let confirmed = self.boundary.position();
         let Some(confirmed_at) = self.samples.confirmed_at(confirmed) else {
             return Ok(swept);
         };
         // As the 32-bit id a row's `xmin` is (see `due_rows`).
-        let ended_before = (self.samples.confirmed_xmin.unwrap_or(0) & 0xFFFF_FFFF).to_string();
+        let ended_before = (self.samples.confirmed_xmin().unwrap_or(0) & 0xFFFF_FFFF).to_string();
         let age = i64::try_from(self.min_age.as_micros()).unwrap_or(i64::MAX);
         let cutoff = confirmed_at.saturating_sub(age);
         let cutoff_time = time::OffsetDateTime::from_unix_timestamp_nanos(
@@ -338,9 +217,7 @@ impl Sweeper {
             // looks such rows up before publishing them. Set before
             // publishing, and only when rows were found, so that a sweep with
             // nothing to do costs the stream nothing.
-            self.boundary
-                .swept_before
-                .fetch_max(cutoff, Ordering::Relaxed);
+            self.boundary.sweeping_before(cutoff);
             let mut batch = Vec::with_capacity(rows.len());
             for r in &rows {
                 let retries = u32::try_from(r.try_get::<_, i32>(ROW_COLUMN_COUNT)?).unwrap_or(0);
@@ -469,169 +346,4 @@ pub(crate) enum SweepError {
     Database(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Internal(String),
-}
-
-/// PostgreSQL's ISO UTC text (`2026-11-26 18:28:37.123456+00`) as
-/// microseconds since 2000-01-01; None for anything else.
-pub(crate) fn parse_utc_micros(text: &str) -> Option<i64> {
-    let text = text.strip_suffix("+00")?;
-    let (date, clock) = text.split_once(' ')?;
-    let mut d = date.split('-').map(|p| p.parse::<i32>().ok());
-    let (year, month, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<u8>().ok());
-    let (hour, minute, second) = (t.next()??, t.next()??, t.next()??);
-    // Up to six digits of fraction, right-padded with zeros: no allocation,
-    // this runs per event while the sweeper is active.
-    if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let micros = fraction
-        .bytes()
-        .chain(std::iter::repeat(b'0'))
-        .take(6)
-        .fold(0u32, |n, b| n * 10 + u32::from(b - b'0'));
-    let date = time::Date::from_calendar_date(
-        year,
-        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
-        u8::try_from(day).ok()?,
-    )
-    .ok()?;
-    let at = date
-        .with_hms_micro(hour, minute, second, micros)
-        .ok()?
-        .assume_utc();
-    let unix_micros = i64::try_from(at.unix_timestamp_nanos() / 1000).ok()?;
-    Some(unix_micros - PG_EPOCH_UNIX_MICROS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_stream_timestamps() {
-        assert_eq!(parse_utc_micros("2000-01-01 00:00:00+00"), Some(0));
-        assert_eq!(
-            parse_utc_micros("2000-01-01 00:00:01.5+00"),
-            Some(1_500_000)
-        );
-        assert_eq!(
-            parse_utc_micros("2000-01-02 00:00:00.000001+00"),
-            Some(86_400_000_001)
-        );
-        assert_eq!(parse_utc_micros("infinity"), None);
-        assert_eq!(parse_utc_micros("2000-01-01 00:00:00+05:30"), None);
-    }
-
-    const ONE: ServerId = ServerId {
-        system: 7,
-        timeline: 1,
-    };
-    const TWO: ServerId = ServerId {
-        system: 7,
-        timeline: 2,
-    };
-
-    /// The stream on `server` confirmed `lsn`.
-    fn on(server: ServerId, lsn: u64) -> Confirmed {
-        Confirmed {
-            server: Some(server),
-            lsn,
-        }
-    }
-
-    #[test]
-    fn the_horizon_is_the_newest_sample_the_stream_confirmed() {
-        let mut samples = Samples::default();
-        assert_eq!(
-            samples.confirmed_at(on(ONE, u64::MAX)),
-            None,
-            "no sample yet"
-        );
-        samples.push(ONE, 1_000, 100, 0);
-        samples.push(ONE, 2_000, 200, 0);
-        samples.push(ONE, 3_000, 300, 0);
-        assert_eq!(
-            samples.confirmed_at(on(ONE, 0)),
-            None,
-            "nothing confirmed yet"
-        );
-        assert_eq!(samples.confirmed_at(on(ONE, 99)), None);
-        assert_eq!(samples.confirmed_at(on(ONE, 250)), Some(2_000));
-        assert_eq!(
-            samples.confirmed_at(on(ONE, 250)),
-            Some(2_000),
-            "kept until a newer sample is confirmed"
-        );
-        assert_eq!(samples.waiting.len(), 1);
-        assert_eq!(samples.confirmed_at(on(ONE, 300)), Some(3_000));
-        for i in 0..Samples::MAX as u64 + 10 {
-            samples.push(ONE, 4_000 + i as i64, 400 + i, 0);
-        }
-        assert_eq!(samples.waiting.len(), Samples::MAX, "bounded");
-        assert_eq!(
-            samples.confirmed_at(on(ONE, u64::MAX)),
-            Some(4_000 + Samples::MAX as i64 + 9)
-        );
-    }
-
-    #[test]
-    fn the_oldest_running_transaction_goes_with_its_sample() {
-        let mut samples = Samples::default();
-        samples.push(ONE, 500, 800, 41);
-        samples.push(ONE, 600, 950, 42);
-        assert_eq!(samples.confirmed_at(on(ONE, 900)), Some(500));
-        assert_eq!(samples.confirmed_xmin, Some(41));
-        assert_eq!(samples.confirmed_at(on(ONE, 950)), Some(600));
-        assert_eq!(samples.confirmed_xmin, Some(42));
-    }
-
-    #[test]
-    fn after_a_change_of_primary_only_the_new_timeline_counts() {
-        let mut samples = Samples::default();
-        samples.push(ONE, 1_000, 900, 0);
-        assert_eq!(samples.confirmed_at(on(ONE, 1_000)), Some(1_000));
-        // The promoted standby's WAL goes on from where it had replayed,
-        // below what the old primary had written and the stream confirmed.
-        samples.push(TWO, 2_000, 500, 0);
-        assert_eq!(
-            samples.confirmed_at(on(ONE, 1_000)),
-            None,
-            "the old timeline's position vouches for nothing on the new one"
-        );
-        samples.push(TWO, 3_000, 600, 0);
-        assert_eq!(
-            samples.confirmed_at(on(TWO, 550)),
-            Some(2_000),
-            "the new slot's stream confirms the new samples"
-        );
-        let boundary = Boundary::default();
-        boundary.streaming_from(ONE);
-        boundary.confirmed(1_000);
-        boundary.streaming_from(ONE);
-        assert_eq!(
-            *boundary.lock(),
-            on(ONE, 1_000),
-            "a restart keeps the position"
-        );
-        boundary.streaming_from(TWO);
-        assert_eq!(
-            *boundary.lock(),
-            on(TWO, 0),
-            "a new primary starts from nothing"
-        );
-        boundary.confirmed(550);
-        assert_eq!(*boundary.lock(), on(TWO, 550));
-    }
-
-    #[test]
-    fn the_stream_checks_nothing_until_a_sweep_took_rows() {
-        let boundary = Boundary::default();
-        assert!(!boundary.sweeping());
-        boundary.swept_before.fetch_max(1_000, Ordering::Relaxed);
-        assert!(boundary.sweeping() && boundary.maybe_swept(999) && !boundary.maybe_swept(1_000));
-        assert_eq!(parse_utc_micros("2000-01-01 00:00:00.1234567+00"), None);
-        assert_eq!(parse_utc_micros("2000-01-01 00:00:00.12a+00"), None);
-    }
 }

@@ -7,9 +7,10 @@ use super::Item;
 use crate::error::Error;
 use crate::event::OutboxRow;
 use crate::metrics::Metrics;
+use crate::outbox::boundary::Boundary;
 use crate::outbox::replay::ReplayCheck;
-use crate::outbox::sweeper::{parse_utc_micros, Boundary};
 use crate::outbox::{attempts, visibility};
+use crate::pgtime::parse_utc_micros;
 use crate::pgtime::seconds_since;
 use crate::replication::pgoutput::{DecodeError, Decoder};
 use pgwire_replication::{Lsn, ReplicationEvent};
@@ -93,7 +94,7 @@ impl Reader {
         while self.unconfirmed.front().is_some_and(|(end, _)| *end <= lsn) {
             self.unconfirmed.pop_front();
         }
-        self.sweep.confirmed(lsn.0);
+        self.sweep.confirmed(lsn);
     }
 
     /// Whether `row` must be looked up before publishing: its transaction is

@@ -3,6 +3,7 @@
 
 use super::subject::subject;
 use crate::event::OutboxRow;
+use crate::pgtime;
 use async_nats::header::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 
@@ -40,7 +41,7 @@ impl Message {
         if let Some(project_id) = &row.project_id {
             headers.insert(PROJECT_ID, header_value(project_id));
         }
-        headers.insert(CREATED_AT, header_value(&rfc3339(&row.created_at)));
+        headers.insert(CREATED_AT, header_value(&pgtime::rfc3339(&row.created_at)));
         Message {
             subject: subject(prefix, &row.aggregate_type, &row.event_type),
             headers,
@@ -61,39 +62,6 @@ fn header_value(text: &str) -> HeaderValue {
     } else {
         HeaderValue::from(text)
     }
-}
-
-/// PostgreSQL's ISO `timestamptz` text (`2026-11-26 18:28:37.123456+00`, as
-/// the replication session renders it with `DateStyle=ISO`, `TimeZone=UTC`)
-/// as RFC 3339 (`2026-11-26T18:28:37.123456Z`). Anything else (`infinity`,
-/// years past 9999, offsets with seconds) is passed through unchanged.
-pub fn rfc3339(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let shaped = bytes.len() >= 22
-        && bytes[4] == b'-'
-        && bytes[7] == b'-'
-        && bytes[10] == b' '
-        && bytes[13] == b':'
-        && bytes[16] == b':'
-        && bytes[..4].iter().all(u8::is_ascii_digit);
-    if !shaped {
-        return text.to_owned();
-    }
-    let Some(sign_at) = text
-        .get(19..)
-        .and_then(|rest| rest.find(['+', '-']))
-        .map(|i| i + 19)
-    else {
-        return text.to_owned();
-    };
-    let (datetime, offset) = text.split_at(sign_at);
-    let offset = match offset.len() {
-        3 if offset == "+00" || offset == "-00" => "Z".to_owned(),
-        3 => format!("{offset}:00"),
-        6 => offset.to_owned(),
-        _ => return text.to_owned(),
-    };
-    format!("{}T{}{}", &datetime[..10], &datetime[11..], offset)
 }
 
 #[cfg(test)]
@@ -155,27 +123,5 @@ mod tests {
             message.headers.get(MSG_ID).unwrap().as_str(),
             "5f0e6a4c-1b7d-4c2a-9e3f-8d6b2a1c0e99"
         );
-    }
-
-    #[test]
-    fn timestamps_become_rfc3339() {
-        let cases = [
-            (
-                "2026-11-26 18:28:37.123456+00",
-                "2026-11-26T18:28:37.123456Z",
-            ),
-            ("2026-11-26 18:28:37+00", "2026-11-26T18:28:37Z"),
-            ("2026-11-26 18:28:37.5+05:30", "2026-11-26T18:28:37.5+05:30"),
-            ("2026-11-26 18:28:37.5-03", "2026-11-26T18:28:37.5-03:00"),
-            ("infinity", "infinity"),
-            (
-                "1890-01-01 00:00:00+00:53:28",
-                "1890-01-01 00:00:00+00:53:28",
-            ),
-            ("garbage", "garbage"),
-        ];
-        for (pg, want) in cases {
-            assert_eq!(rfc3339(pg), want, "{pg}");
-        }
     }
 }

@@ -9,7 +9,7 @@
 //! the old primary, replicated) are never streamed, and the catch-up
 //! sweeper publishes those still `pending`. Positions of the old timeline
 //! mean nothing to the new slot, so the sweeper's boundary is tied to a
-//! server ([`crate::outbox::sweeper::Boundary`]).
+//! server (`outbox::boundary::Boundary`).
 
 use std::fmt;
 use tokio_postgres::Client;
