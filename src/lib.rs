@@ -70,8 +70,9 @@ mod supervise;
 /// relay use. Not a stable API.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::event::{row_from, ROW_COLUMNS};
     pub use crate::outbox::marker::Marker;
-    pub use crate::outbox::sweeper::{row_from, PROBE_SQL, ROW_COLUMNS};
+    pub use crate::outbox::sweeper::PROBE_SQL;
     pub use crate::publish::message::{self, Message};
     pub use crate::publish::subject::subject;
     pub use crate::stats::{FAILED_SQL, PENDING_SQL};

@@ -17,7 +17,7 @@
 //! index probe that finds nothing (and the stream is not interrupted).
 
 use crate::config::Config;
-use crate::event::OutboxRow;
+use crate::event::{row_from, OutboxRow, ROW_COLUMNS};
 use crate::outbox::attempts;
 use crate::outbox::boundary::{Boundary, Samples};
 use crate::outbox::marker::Marker;
@@ -29,21 +29,12 @@ use crate::publish::window::Window;
 use crate::replication::timeline;
 use async_nats::jetstream;
 use pgwire_replication::Lsn;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
-/// How many columns [`ROW_COLUMNS`] names.
-const ROW_COLUMN_COUNT: usize = 8;
-
-/// The columns [`row_from`] reads, in its order.
-pub const ROW_COLUMNS: &str =
-    "id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
-     payload::text, \
-     coalesce(to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', created_at::text)";
 /// The rows the sweeper may take: pending, due, and either created before
 /// the cutoff ($1), or stamped in the future (a producer's clock ahead, up
 /// to `infinity`: only such a row has `created_at` after `now()`). The
@@ -205,7 +196,7 @@ impl Sweeper {
             let tx = db.transaction().await?;
             let rows = tx
                 .query(
-                    &format!("SELECT {ROW_COLUMNS}, retry_count {SWEEP_WHERE}"),
+                    &format!("SELECT {ROW_COLUMNS} {SWEEP_WHERE}"),
                     &[&cutoff_time, &ended_before, &self.max_batch_bytes],
                 )
                 .await?;
@@ -220,9 +211,8 @@ impl Sweeper {
             self.boundary.sweeping_before(cutoff);
             let mut batch = Vec::with_capacity(rows.len());
             for r in &rows {
-                let retries = u32::try_from(r.try_get::<_, i32>(ROW_COLUMN_COUNT)?).unwrap_or(0);
                 match row_from(r) {
-                    Ok(row) => batch.push((row, retries)),
+                    Ok(row) => batch.push(row),
                     // A NULL the contract has no room for (after a schema
                     // change): it fails alone, as the stream fails it.
                     Err(error) => {
@@ -261,15 +251,13 @@ impl Sweeper {
     async fn publish(
         &self,
         tx: &Transaction<'_>,
-        batch: Vec<(OutboxRow, u32)>,
+        batch: Vec<OutboxRow>,
         swept: &mut Swept,
     ) -> Result<Settled, SweepError> {
         let mut chain = Chain::new(self.js.clone(), self.subject_prefix.clone());
         let mut window = Window::new();
-        let mut retries = HashMap::with_capacity(batch.len());
-        for (row, count) in batch {
+        for row in batch {
             let ack = chain.send(&row).await;
-            retries.insert(row.id, count);
             window.push_event(row, (0, 0), ack, ());
         }
         let mut settled = Settled::default();
@@ -293,10 +281,10 @@ impl Sweeper {
                 chain.resend(&mut window).await;
                 continue;
             }
-            let count = retries.get(&id).copied().unwrap_or(0);
-            let verdict = verdict(failure, count, self.max_retries);
-            // It keeps its place: the next sweep tries it first, and the
-            // rows behind it (refused by the chain) wait for it.
+            // It keeps its place (no backoff, so the attempts so far do not
+            // matter): the next sweep tries it first, and the rows behind it
+            // (refused by the chain) wait for it.
+            let verdict = verdict(failure, 0, self.max_retries);
             let dead = attempts::record_in_place(tx, id, &error.to_string(), verdict).await?;
             window.settle_front();
             if dead == Some(true) {
@@ -322,22 +310,6 @@ struct Settled {
     acked: Vec<Uuid>,
     /// An event failed and stays pending: the rest waits for the next sweep.
     stalled: bool,
-}
-
-/// An outbox row read with [`ROW_COLUMNS`], as the stream would deliver it
-/// (the payload as PostgreSQL renders the jsonb, the time in ISO UTC).
-pub fn row_from(r: &tokio_postgres::Row) -> Result<OutboxRow, tokio_postgres::Error> {
-    Ok(OutboxRow {
-        id: r.try_get(0)?,
-        aggregate_type: r.try_get(1)?,
-        aggregate_id: r.try_get(2)?,
-        user_id: r.try_get(3)?,
-        project_id: r.try_get(4)?,
-        event_type: r.try_get(5)?,
-        payload: bytes::Bytes::from(r.try_get::<_, String>(6)?),
-        // `infinity` has no to_char rendering: its own text, never a NULL.
-        created_at: r.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
-    })
 }
 
 #[derive(Debug, thiserror::Error)]
