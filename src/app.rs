@@ -14,7 +14,7 @@ use crate::replication::setup::{self, SetupError};
 use crate::replication::timeline::PrimaryWatch;
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervised;
-use crate::{http, pipeline, stats};
+use crate::{db, http, pipeline, stats};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ const STANDBY_POLL: Duration = Duration::from_secs(2);
 
 /// `outbox-tailer setup`: checks, then publication, slot and stream.
 pub async fn setup(config: &Config) -> Result<(), Error> {
-    let db = setup::connect(config).await?;
+    let db = db::connect(config).await?;
     setup::prepare(&db, config).await?;
     let (client, _) = jetstream::connect(config, Arc::new(Metrics::new())).await?;
     let js = jetstream::context(client);
@@ -57,7 +57,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<(), Error> {
     // Start-up waits on servers (a slot's creation waits for running
     // transactions): shutdown is heard meanwhile.
     let checked = async {
-        let db = setup::connect(config).await?;
+        let db = db::connect(config).await?;
         match setup::prepare(&db, config).await {
             // Not fatal: reported (log, outbox_slot_lost) until the operator
             // drops the slot, then recreated by the next session.
@@ -185,7 +185,7 @@ pub async fn requeue(config: &Config, which: &RequeueArgs) -> Result<u64, Error>
     const SET: &str =
         "UPDATE event_outbox SET status = 'pending', retry_count = 0, next_retry_at = now() \
                        WHERE status = 'failed'";
-    let db = setup::connect(config).await?;
+    let db = db::connect(config).await?;
     let count = if !which.ids.is_empty() {
         db.execute(&format!("{SET} AND id = ANY($1)"), &[&which.ids])
             .await?
@@ -201,7 +201,7 @@ pub async fn requeue(config: &Config, which: &RequeueArgs) -> Result<u64, Error>
 /// `outbox-tailer prune --older-than <duration>`: deletes published rows
 /// published longer ago than that; returns how many.
 pub async fn prune(config: &Config, older_than: Duration) -> Result<u64, Error> {
-    let db = setup::connect(config).await?;
+    let db = db::connect(config).await?;
     retention::prune(&db, older_than, &Metrics::new())
         .await
         .map_err(Error::Prune)
@@ -222,7 +222,7 @@ async fn run_retention(
             return;
         }
         if db.as_ref().is_none_or(|c| c.is_closed()) {
-            db = setup::connect(&config).await.ok();
+            db = db::connect(&config).await.ok();
         }
         let Some(client) = db.as_ref() else { continue };
         match retention::prune(client, retention, &metrics).await {
@@ -255,7 +255,7 @@ async fn run_sweeper(
             .as_ref()
             .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
         {
-            db = setup::connect(&config).await.ok();
+            db = db::connect(&config).await.ok();
         }
         let Some(client) = db.as_mut() else { continue };
         match sweeper.sweep(client).await {
@@ -283,7 +283,7 @@ async fn run_sweeper(
 
 /// `outbox-tailer status`: the slot and the outbox, as text or one JSON object.
 pub async fn status(config: &Config, json: bool) -> Result<String, Error> {
-    let db = setup::connect(config).await?;
+    let db = db::connect(config).await?;
     let stats = stats::query_full(&db, &config.slot).await?;
     if json {
         serde_json::to_string(&stats).map_err(|e| Internal::Json(e).into())

@@ -58,6 +58,27 @@ pub enum Error {
     Prune(#[from] crate::outbox::retention::PruneError),
 }
 
+/// Each cause of a stream that would not open, as the error kind it is.
+impl From<crate::replication::source::OpenError> for Error {
+    fn from(error: crate::replication::source::OpenError) -> Error {
+        use crate::replication::source::OpenError;
+        match error {
+            OpenError::Tls { server, error } => Error::ReplicationTls { server, error },
+            OpenError::PrimaryChanging { first, second } => {
+                Transient::PrimaryChanging { first, second }.into()
+            }
+            OpenError::Stream(error) => Error::Replication(error),
+        }
+    }
+}
+
+/// No server of the URL accepted: a set-up failure (retried in a session).
+impl From<crate::db::Unreachable> for Error {
+    fn from(error: crate::db::Unreachable) -> Error {
+        Error::Setup(error.into())
+    }
+}
+
 /// The world is briefly not as a session needs it; a new session fixes it.
 #[derive(Debug, thiserror::Error)]
 pub enum Transient {
@@ -148,7 +169,7 @@ fn setup_action(error: &SetupError) -> Action {
     match error {
         // Reported every attempt, and recovered from by itself once the
         // operator drops the invalidated slot.
-        SetupError::SlotLost(_) | SetupError::Unreachable { .. } => Action::Retry,
+        SetupError::SlotLost(_) | SetupError::Unreachable(_) => Action::Retry,
         SetupError::Query(error) | SetupError::Slot { error, .. } if transient(error) => {
             Action::Retry
         }
@@ -255,10 +276,10 @@ mod tests {
             // Set-up during a session: the network's failures are retried,
             // the operator's are not.
             (
-                Error::Setup(SetupError::Unreachable {
+                Error::Setup(SetupError::Unreachable(crate::db::Unreachable {
                     target: "db:5432".into(),
                     reason: "connection refused".into(),
-                }),
+                })),
                 Action::Retry,
             ),
             (

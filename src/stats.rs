@@ -6,8 +6,8 @@
 //! rows; the last publish from one backward step of the same index.
 
 use crate::config::Config;
+use crate::db;
 use crate::metrics::Metrics;
-use crate::replication::setup;
 use crate::shutdown::Shutdown;
 use serde::Serialize;
 use std::sync::Arc;
@@ -189,7 +189,7 @@ pub(crate) async fn poll(
             _ = tick.tick() => {}
         }
         if db.as_ref().is_none_or(|c| c.is_closed()) {
-            db = setup::connect(&config).await.ok();
+            db = db::connect(&config).await.ok();
         }
         let Some(client) = db.as_ref() else {
             metrics.stats_poll_errors.inc();

@@ -21,6 +21,8 @@ mod publisher;
 mod reader;
 
 use crate::config::Config;
+use crate::db;
+use crate::db::hosts::Endpoint;
 use crate::error::{Error, Internal, Transient};
 use crate::event::OutboxRow;
 use crate::metrics::Metrics;
@@ -29,7 +31,6 @@ use crate::outbox::marker::Marker;
 use crate::outbox::replay::ReplayCheck;
 use crate::publish::chain::Chain;
 use crate::publish::turn::PublishTurn;
-use crate::replication::hosts::Endpoint;
 use crate::replication::progress::Progress;
 use crate::replication::setup::Slot;
 use crate::replication::timeline::{self, Change, PrimaryWatch, ServerId};
@@ -164,7 +165,7 @@ impl Opened {
         sweep: &Boundary,
         primary: &mut PrimaryWatch,
     ) -> Result<Opened, Error> {
-        let (db, endpoint) = setup::connect_endpoint(config).await?;
+        let (db, endpoint) = db::connect_endpoint(config).await?;
         let server = timeline::query(&db).await?;
         let marker = Marker::prepare(&db, config.event_logs).await?;
         let mut marking = vec![Arc::new(Marking {
@@ -205,7 +206,7 @@ async fn another_session(
     endpoint: &Endpoint,
     server: ServerId,
 ) -> Result<Client, Error> {
-    let client = setup::connect_to(config, endpoint).await?;
+    let client = db::connect_to(config, endpoint).await?;
     let reached = timeline::query(&client).await?;
     if reached != server {
         return Err(Transient::PrimaryChanging {

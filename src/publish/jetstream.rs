@@ -1,7 +1,6 @@
 //! The NATS connection, the JetStream context and the stream.
 
 use crate::config::{Config, NatsAuth};
-use crate::error::Error;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
 use std::sync::Arc;
@@ -72,7 +71,7 @@ const PING_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) async fn connect(
     config: &Config,
     metrics: Arc<Metrics>,
-) -> Result<(async_nats::Client, watch::Receiver<u64>), Error> {
+) -> Result<(async_nats::Client, watch::Receiver<u64>), NatsError> {
     let (connects_tx, connects) = watch::channel(0u64);
     let connects_tx = Arc::new(connects_tx);
     let servers = config.nats.servers.clone();
@@ -85,7 +84,7 @@ pub(crate) async fn connect(
         Err(error) => error,
     };
     if refusal(&error).is_some() {
-        return Err(NatsError::Connect(error).into());
+        return Err(NatsError::Connect(error));
     }
     tracing::warn!(%error, "NATS unreachable; connecting in the background, publishing waits for it");
     let client = options(config, metrics, connects_tx)
@@ -116,7 +115,7 @@ async fn options(
     config: &Config,
     metrics: Arc<Metrics>,
     connects: Arc<watch::Sender<u64>>,
-) -> Result<async_nats::ConnectOptions, Error> {
+) -> Result<async_nats::ConnectOptions, NatsError> {
     let mut options = async_nats::ConnectOptions::new()
         .name("outbox-tailer")
         .max_reconnects(None)
@@ -198,7 +197,10 @@ pub(crate) fn context(client: async_nats::Client) -> jetstream::Context {
 /// two-minute duplicate window, `--stream-replicas` replicas). An existing
 /// stream is left as it is, with a warning when it cannot serve the tailer
 /// well or differs from what the tailer would have made.
-pub(crate) async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(), Error> {
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<(), NatsError> {
     let subjects = format!("{}.>", config.subject_prefix);
     let wanted = stream::Config {
         name: config.stream.clone(),

@@ -3,17 +3,15 @@
 //! Each failure is one line that says what to do.
 
 use crate::config::Config;
-use crate::db::{self, DialError};
+use crate::db::{self, error_text};
 use crate::event::OUTBOX_TABLE;
-use crate::replication::hosts::{self, Endpoint};
 use crate::replication::timeline;
-use std::time::Duration;
 use tokio_postgres::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
-    Unreachable { target: String, reason: String },
+    #[error(transparent)]
+    Unreachable(#[from] db::Unreachable),
     #[error("wal_level is {0:?}, but logical decoding needs wal_level = logical: set it in postgresql.conf and restart PostgreSQL")]
     WalLevel(String),
     #[error("role {0:?} lacks the REPLICATION attribute: ALTER ROLE {0} REPLICATION (or use sql/roles.sql)")]
@@ -48,77 +46,6 @@ pub enum SetupError {
     },
     #[error("PostgreSQL: {0}")]
     Query(#[from] tokio_postgres::Error),
-}
-
-/// Connects an ordinary (query) session, failing fast with one clear line.
-pub(crate) async fn connect(config: &Config) -> Result<Client, SetupError> {
-    connect_endpoint(config).await.map(|(client, _)| client)
-}
-
-/// As [`connect`], and says which server of the URL accepted: the first, in
-/// the URL's order, that suits `target_session_attrs` (a multi-host URL with
-/// `target_session_attrs=read-write` finds the primary). The replication
-/// stream is opened to that same server.
-pub(crate) async fn connect_endpoint(config: &Config) -> Result<(Client, Endpoint), SetupError> {
-    let endpoints = hosts::endpoints(&config.database);
-    let mut refusals = Vec::with_capacity(endpoints.len());
-    for endpoint in endpoints {
-        match connect_one(config, &endpoint).await {
-            Ok(client) => return Ok((client, endpoint)),
-            Err(reason) => refusals.push((endpoint, reason)),
-        }
-    }
-    let reason = match refusals.as_slice() {
-        [(_, reason)] => reason.clone(),
-        several => several
-            .iter()
-            .map(|(endpoint, reason)| format!("{endpoint}: {reason}"))
-            .collect::<Vec<_>>()
-            .join("; "),
-    };
-    Err(SetupError::Unreachable {
-        target: target(config),
-        reason,
-    })
-}
-
-/// Another query session on `endpoint`, a server [`connect_endpoint`] found.
-pub(crate) async fn connect_to(config: &Config, endpoint: &Endpoint) -> Result<Client, SetupError> {
-    connect_one(config, endpoint)
-        .await
-        .map_err(|reason| SetupError::Unreachable {
-            target: endpoint.to_string(),
-            reason,
-        })
-}
-
-/// One server: the client, or why it could not be had. The connection is
-/// watched: a request unanswered for `--statement-timeout` ends it
-/// ([`crate::db`]).
-async fn connect_one(config: &Config, endpoint: &Endpoint) -> Result<Client, String> {
-    let mut pg = hosts::only(&config.database, endpoint);
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(Duration::from_secs(10));
-    }
-    pg.application_name("outbox-tailer");
-    let tls = config.pg_tls.connector().map_err(|e| e.to_string())?;
-    db::connect(&pg, endpoint, tls, config.statement_timeout)
-        .await
-        .map_err(|error| {
-            let reason = match &error {
-                DialError::Postgres(e) => match crate::tls::describe(e) {
-                    Some(tls) => tls,
-                    None => error_text(e),
-                },
-                other => other.to_string(),
-            };
-            let mode = config.pg_tls.mode.name();
-            if reason.contains("server does not support TLS") {
-                format!("the server does not accept TLS, and sslmode={mode} requires it")
-            } else {
-                reason
-            }
-        })
 }
 
 /// Everything the tailer needs from the database before it streams, created
@@ -324,31 +251,4 @@ async fn warn_unless_failover(db: &Client, name: &str) -> Result<(), SetupError>
         tracing::warn!(slot = name, "--slot-failover is set but slot {name} was created without failover, so standbys do not synchronise it: run ALTER_REPLICATION_SLOT {name} (FAILOVER true) on a replication connection while no tailer streams, or drop the slot (the tailer recreates it; the sweeper publishes what is pending)");
     }
     Ok(())
-}
-
-/// `host:port/db` of the configured database (every server of a
-/// multi-host URL, comma-separated), for messages (no password).
-pub(crate) fn target(config: &Config) -> String {
-    let servers = hosts::list(&hosts::endpoints(&config.database));
-    let db = config
-        .database
-        .get_dbname()
-        .or(config.database.get_user())
-        .unwrap_or("");
-    format!("{servers}/{db}")
-}
-
-/// The most useful text of a tokio-postgres error: the server's message, or
-/// the underlying I/O cause (tokio-postgres' own Display is often just "db error").
-pub(crate) fn error_text(error: &tokio_postgres::Error) -> String {
-    if let Some(db) = error.as_db_error() {
-        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
-    }
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }

@@ -2,10 +2,10 @@
 //! the server the query connection chose.
 
 use crate::config::Config;
-use crate::error::{Error, Transient};
-use crate::replication::hosts::Endpoint;
+use crate::db::hosts::Endpoint;
+use crate::replication::bridge::{replication_bridge, BridgeAddr};
 use crate::replication::timeline::{self, ServerId};
-use crate::tls::postgres::{replication_bridge, BridgeAddr, SslMode};
+use crate::tls::postgres::{PgTlsError, SslMode};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
 use std::time::Duration;
 use tokio_postgres::config::Host;
@@ -113,7 +113,7 @@ pub(crate) async fn open(
     config: &Config,
     server: &Endpoint,
     expected: ServerId,
-) -> Result<ReplicationClient, Error> {
+) -> Result<ReplicationClient, OpenError> {
     let bridge = match (server.dial(), server.tls_name(), config.pg_tls.mode) {
         // TLS does not apply to Unix sockets (libpq ignores sslmode there).
         (Some(dial), Some(name), mode) if mode != SslMode::Disable => {
@@ -127,7 +127,7 @@ pub(crate) async fn open(
                 config.replication_timeout,
             )
             .await
-            .map_err(|error| Error::ReplicationTls {
+            .map_err(|error| OpenError::Tls {
                 server: server.to_string(),
                 error,
             })?;
@@ -146,15 +146,32 @@ pub(crate) async fn open(
         // The primary changed between the two connections (a promotion in
         // progress): the next session looks again.
         client.abort();
-        return Err(Transient::PrimaryChanging {
+        return Err(OpenError::PrimaryChanging {
             first: format!("the query connection's ({expected})"),
             second: format!("the replication connection's to {server} ({reached})"),
-        }
-        .into());
+        });
     }
     client.start().await?;
     client.wait_started().await?;
     Ok(client)
+}
+
+/// Why the stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The replication connection's own TLS (the bridge): the network's
+    /// failure, or the certificates'.
+    #[error("replication connection to {server}: {error}")]
+    Tls {
+        server: String,
+        #[source]
+        error: PgTlsError,
+    },
+    /// The two connections of the session reached different servers.
+    #[error("{first} and {second} are different servers: the primary is changing")]
+    PrimaryChanging { first: String, second: String },
+    #[error(transparent)]
+    Stream(#[from] pgwire_replication::PgWireError),
 }
 
 /// Replication messages buffered between pgwire-replication's socket reader

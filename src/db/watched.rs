@@ -37,7 +37,7 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::replication::hosts::Endpoint;
+use super::hosts::Endpoint;
 
 /// How long an idle socket waits before the kernel probes its peer, and
 /// between probes; after [`KEEPALIVE_PROBES`] unanswered the socket fails.
