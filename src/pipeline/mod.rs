@@ -304,7 +304,7 @@ async fn stream_until_done(
             ended = &mut marking => break Some(stage_failure("marker", ended)),
             Ok(()) = confirmed_rx.changed() => {
                 let lsn = *confirmed_rx.borrow_and_update();
-                confirm(&stream, &mut progress, &mut reader, metrics, lsn);
+                confirm(&stream, &mut progress, &mut reader, sweep, metrics, lsn);
             }
             _ = lag_tick.tick() => {
                 let lag = reader.lag_seconds();
@@ -326,7 +326,7 @@ async fn stream_until_done(
                     // replay check) while NATS is down: shutdown still wins.
                     // Abandoning the event is safe: nothing past the last
                     // marked position is confirmed, so it is re-delivered.
-                    Ok(Some(event)) => match shutdown.unless(reader.on_event(event)).await {
+                    Ok(Some(event)) => match shutdown.unless(reader.on_event(event, &mut progress)).await {
                         Some(handled) => handled,
                         None => break None,
                     },
@@ -366,7 +366,7 @@ async fn stream_until_done(
     publishing.abort();
     marking.abort();
     let last = *confirmed_rx.borrow();
-    confirm(&stream, &mut progress, &mut reader, metrics, last);
+    confirm(&stream, &mut progress, &mut reader, sweep, metrics, last);
     wait_for_feedback(&stream, progress.confirmed()).await;
     stream.stop();
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
@@ -400,16 +400,19 @@ impl LagWatch {
     }
 }
 
-/// Tells the server everything before `lsn` is durable.
+/// Tells the server, the sweeper and the lag everything before `lsn` is
+/// durable.
 fn confirm(
     stream: &ReplicationClient,
     progress: &mut Progress,
     reader: &mut Reader,
+    sweep: &Boundary,
     metrics: &Metrics,
     lsn: Lsn,
 ) {
     if progress.confirm(lsn) {
         stream.update_applied_lsn(lsn);
+        sweep.confirmed(lsn);
         reader.acknowledged(lsn);
         metrics
             .confirmed_lsn

@@ -13,6 +13,7 @@ use crate::outbox::{attempts, visibility};
 use crate::pgtime::parse_utc_micros;
 use crate::pgtime::seconds_since;
 use crate::replication::pgoutput::{DecodeError, Decoder};
+use crate::replication::progress::Progress;
 use pgwire_replication::{Lsn, ReplicationEvent};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -49,12 +50,10 @@ pub(super) struct Reader {
     budget: Budget,
     /// For dead-lettering an event that cannot be decoded into a message.
     db: Arc<Client>,
-    /// The highest position sent down the pipeline (confirms are monotonic).
-    last_confirm: Lsn,
     /// Ends and commit times of the transactions not yet confirmed, oldest
     /// first: the replication lag in seconds is the age of the first.
     unconfirmed: VecDeque<(Lsn, i64)>,
-    /// Shared with the sweeper: what the stream confirmed, what it swept.
+    /// Shared with the sweeper: whether it took rows the stream must look up.
     sweep: Arc<Boundary>,
     metrics: Arc<Metrics>,
 }
@@ -77,7 +76,6 @@ impl Reader {
             held_position: None,
             budget,
             db,
-            last_confirm: Lsn::ZERO,
             unconfirmed: VecDeque::new(),
             sweep,
             metrics,
@@ -89,12 +87,12 @@ impl Reader {
         self.items = None;
     }
 
-    /// Everything up to `lsn` is confirmed to the server.
+    /// Everything up to `lsn` is confirmed to the server: the lag is
+    /// measured from the next transaction on.
     pub(super) fn acknowledged(&mut self, lsn: Lsn) {
         while self.unconfirmed.front().is_some_and(|(end, _)| *end <= lsn) {
             self.unconfirmed.pop_front();
         }
-        self.sweep.confirmed(lsn);
     }
 
     /// Whether `row` must be looked up before publishing: its transaction is
@@ -125,7 +123,13 @@ impl Reader {
         items.send(item).await.map_err(|_| Error::PipelineClosed)
     }
 
-    pub(super) async fn on_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+    /// Handles one replication event; the positions it reaches go into
+    /// `progress` (the session's) and down the pipeline.
+    pub(super) async fn on_event(
+        &mut self,
+        event: ReplicationEvent,
+        progress: &mut Progress,
+    ) -> Result<(), Error> {
         match event {
             ReplicationEvent::Begin {
                 final_lsn,
@@ -179,10 +183,11 @@ impl Reader {
                 ..
             } => {
                 self.open = None;
-                if end_lsn > self.last_confirm {
-                    self.unconfirmed.push_back((end_lsn, commit_time_micros));
+                if !progress.receive(end_lsn) {
+                    return Ok(());
                 }
-                self.confirm(end_lsn).await
+                self.unconfirmed.push_back((end_lsn, commit_time_micros));
+                self.hand_down(end_lsn).await
             }
             // Between transactions everything before the server's position
             // has been delivered: confirming it lets an idle outbox release
@@ -194,10 +199,11 @@ impl Reader {
             } if self.open.is_none() => {
                 // The server has nothing more for now: check what is held.
                 self.publish_replayed().await?;
-                if wal_end > self.last_confirm {
-                    self.unconfirmed.push_back((wal_end, server_time_micros));
+                if !progress.receive(wal_end) {
+                    return Ok(());
                 }
-                self.confirm(wal_end).await
+                self.unconfirmed.push_back((wal_end, server_time_micros));
+                self.hand_down(wal_end).await
             }
             ReplicationEvent::KeepAlive { .. }
             | ReplicationEvent::Message { .. }
@@ -301,11 +307,9 @@ impl Reader {
         }
     }
 
-    async fn confirm(&mut self, lsn: Lsn) -> Result<(), Error> {
-        if lsn <= self.last_confirm {
-            return Ok(());
-        }
-        self.last_confirm = lsn;
+    /// Sends a newly received position down the pipeline, or holds it
+    /// behind replayed rows waiting for their check.
+    async fn hand_down(&mut self, lsn: Lsn) -> Result<(), Error> {
         if self.held_back.is_empty() {
             return self.send(Item::Confirm(lsn)).await;
         }
