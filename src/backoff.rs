@@ -45,6 +45,15 @@ impl Backoff {
         cap: Duration::from_secs(4),
     };
 
+    /// Looking again at a transaction whose commit was decoded but is not
+    /// visible yet (`outbox::visibility`): 1 ms, doubling, at most 200 ms.
+    /// Nearly always visible at once or within a few milliseconds; a
+    /// stalled synchronous standby can hold it for as long as it stalls.
+    pub(crate) const VISIBILITY: Backoff = Backoff {
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(200),
+    };
+
     /// The delay before retry number `attempt` (0 for the first retry).
     pub(crate) fn delay(&self, attempt: u32) -> Duration {
         self.delay_with(attempt, fastrand::f64())

@@ -103,7 +103,7 @@ impl Marker {
             .copied()
             .collect();
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let mut not_yet = visibility::NotYetVisible::default();
         loop {
             // Rows someone else already settled need nothing more.
             let settled = self.settled(db, &missing).await?;
@@ -149,8 +149,7 @@ impl Marker {
                 tracing::warn!(count = missing.len(), first = %missing[0],
                     "published events whose transactions are not visible yet (a stalled synchronous standby?); waiting to mark them");
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            not_yet.pause().await;
             outcome.retries += 1;
         }
     }

@@ -69,7 +69,7 @@ impl ReplayCheck {
         let mut outcome = Replayed::default();
         let mut missing = self.look_up(rows, &mut outcome).await?;
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let mut not_yet = visibility::NotYetVisible::default();
         while !missing.is_empty() {
             // Visible before the look-up below: a row it still cannot find
             // is gone, not late.
@@ -89,8 +89,7 @@ impl ReplayCheck {
                 break;
             }
             missing = late;
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            not_yet.pause().await;
         }
         Ok(outcome)
     }

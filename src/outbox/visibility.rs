@@ -9,8 +9,25 @@
 //! functions take 64-bit ones. Each check widens against the server's
 //! counter read at that moment ([`widen`]), never a stale one.
 
+use crate::backoff::Backoff;
 use std::collections::HashSet;
 use tokio_postgres::GenericClient;
+
+/// The wait between two looks at transactions not visible yet: the one
+/// pause of the reader, the marker and the replay check, growing by
+/// [`Backoff::VISIBILITY`] from one look to the next.
+#[derive(Debug, Default)]
+pub(crate) struct NotYetVisible {
+    looks: u32,
+}
+
+impl NotYetVisible {
+    /// Waits before the next look.
+    pub(crate) async fn pause(&mut self) {
+        tokio::time::sleep(Backoff::VISIBILITY.delay(self.looks)).await;
+        self.looks += 1;
+    }
+}
 
 const CURRENT_XID_SQL: &str = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text";
 const VISIBLE_SQL: &str = "SELECT x FROM unnest($1::text[]) AS x \

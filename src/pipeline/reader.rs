@@ -217,15 +217,14 @@ impl Reader {
     /// yet (see `outbox::visibility`): then it is waited for.
     async fn unpublishable(&mut self, id: Uuid, cause: &DecodeError) -> Result<(), Error> {
         let xid = self.open.map_or(0, |tx| tx.xid);
-        let mut pause = std::time::Duration::from_millis(1);
+        let mut not_yet = visibility::NotYetVisible::default();
         let dead = loop {
             let dead = attempts::record_unpublishable(&*self.db, id, cause).await?;
             // None: not pending. Settled already, gone, or not visible yet.
             if dead.is_some() || visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
                 break dead;
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            not_yet.pause().await;
         };
         if dead == Some(true) {
             self.metrics.events_failed.inc();
