@@ -36,7 +36,7 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
     )
     .await
     .map_err(|_| NatsError::NoAnswer {
-        url: crate::config::redact_url(&config.nats_url),
+        url: config.nats_url.clone(),
         within: Duration::from_secs(30),
     })??;
     tracing::info!(slot = %config.slot, publication = %config.publication, stream = %config.stream, "setup complete");

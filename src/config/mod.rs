@@ -1,220 +1,20 @@
 //! The command line and environment (docs/contract.md section 2) and their
 //! validation into one [`Config`]. Every flag has an environment variable and
-//! flags win; flags may stand before or after the subcommand.
+//! flags win; flags may stand before or after the subcommand. The flags are
+//! [`flags`]'s, the NATS settings [`nats`]'s, and redaction [`redact`]'s.
+
+mod flags;
+mod nats;
+mod redact;
+
+pub use flags::{Cli, Command, LogFormat, Options, RequeueArgs};
+use nats::nats_config;
+pub(crate) use nats::{NatsAuth, NatsConfig};
+pub use redact::redact_url;
 
 use crate::tls::postgres::{split_tls_params, PgTls};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::str::FromStr;
-use uuid::Uuid;
-
-#[derive(Parser)]
-#[command(
-    name = "outbox-tailer",
-    version,
-    about = "Publishes event_outbox inserts from a logical replication slot to NATS JetStream"
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub options: Options,
-    /// What to do; `run` when omitted.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Tail the slot and publish until SIGTERM/SIGINT (creates a missing publication, slot and stream).
-    Run,
-    /// Check wal_level and create the publication, slot and stream if missing, then exit.
-    Setup,
-    /// Print slot lag, pending/failed counts and the oldest pending age, then exit.
-    Status {
-        /// One JSON object instead of text, for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Move failed events back to pending so they are published again.
-    Requeue(RequeueArgs),
-    /// Exit 0 when /healthz on --metrics-addr answers 200 (container health checks; needs no shell).
-    Healthcheck,
-    /// Delete published rows published longer ago than --older-than, in small batches (never pending or failed rows).
-    Prune {
-        /// e.g. 7d, 12h, 30m.
-        #[arg(long, value_name = "DURATION")]
-        older_than: String,
-    },
-}
-
-#[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
-pub struct RequeueArgs {
-    /// Requeue these event ids.
-    #[arg(long = "id", value_name = "UUID", num_args = 1..)]
-    pub ids: Vec<Uuid>,
-    /// Requeue every failed event of this event type.
-    #[arg(long, value_name = "TYPE")]
-    pub event_type: Option<String>,
-    /// Requeue every failed event.
-    #[arg(long)]
-    pub all: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// The raw flags, as clap parses them. [`Config::from_options`] validates them.
-/// No `Debug`: it would print secrets; the validated [`Config`] redacts them.
-#[derive(Args, Clone)]
-pub struct Options {
-    /// PostgreSQL URL (libpq form, postgresql://user:pass@host:port/db?sslmode=verify-full&sslrootcert=ca.pem) of a role with REPLICATION; or DATABASE_URL_FILE.
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
-    pub database_url: Option<String>,
-    /// NATS server URL(s), comma-separated; tls:// requires TLS.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        global = true,
-        default_value = "nats://127.0.0.1:4222",
-        hide_env_values = true
-    )]
-    pub nats_url: String,
-    /// NATS user, with --nats-password (also accepted as nats://user:pass@host).
-    #[arg(long, env = "NATS_USER", global = true)]
-    pub nats_user: Option<String>,
-    /// NATS password; or NATS_PASSWORD_FILE.
-    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
-    pub nats_password: Option<String>,
-    /// NATS token (also accepted as nats://token@host); or NATS_TOKEN_FILE.
-    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
-    pub nats_token: Option<String>,
-    /// Path of a NATS .creds file (user JWT and nkey seed).
-    #[arg(long, env = "NATS_CREDS", global = true, value_name = "FILE")]
-    pub nats_creds: Option<PathBuf>,
-    /// Path of a file holding an nkey seed.
-    #[arg(long, env = "NATS_NKEY", global = true, value_name = "FILE")]
-    pub nats_nkey: Option<PathBuf>,
-    /// PEM file of CAs to trust for NATS (default: the system's); implies TLS.
-    #[arg(long, env = "NATS_CA", global = true, value_name = "FILE")]
-    pub nats_tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS to NATS, with --nats-tls-key.
-    #[arg(long, env = "NATS_CERT", global = true, value_name = "FILE")]
-    pub nats_tls_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "NATS_KEY", global = true, value_name = "FILE")]
-    pub nats_tls_key: Option<PathBuf>,
-    /// Logical replication slot (pgoutput), created if missing.
-    #[arg(
-        long,
-        env = "OUTBOX_SLOT",
-        global = true,
-        default_value = "event_outbox_tailer"
-    )]
-    pub slot: String,
-    /// Create the slot with failover = true (PostgreSQL 17+), so that standbys with sync_replication_slots = on keep a copy a promoted standby can stream from.
-    #[arg(long, env = "OUTBOX_SLOT_FAILOVER", global = true)]
-    pub slot_failover: bool,
-    /// Insert-only publication on event_outbox.
-    #[arg(
-        long,
-        env = "OUTBOX_PUBLICATION",
-        global = true,
-        default_value = "event_outbox_pub"
-    )]
-    pub publication: String,
-    /// JetStream stream, created if missing with subjects `<subject-prefix>.>`.
-    #[arg(long, env = "OUTBOX_STREAM", global = true, default_value = "EVENTS")]
-    pub stream: String,
-    /// Replicas of a stream the tailer creates (1-5; 3 on a cluster). An existing stream keeps its own.
-    #[arg(
-        long,
-        env = "OUTBOX_STREAM_REPLICAS",
-        global = true,
-        value_name = "N",
-        default_value_t = 1
-    )]
-    pub stream_replicas: u32,
-    /// First subject token: events go to `<prefix>.<aggregate_type>.<event_type>`.
-    #[arg(
-        long,
-        env = "OUTBOX_SUBJECT_PREFIX",
-        global = true,
-        default_value = "events"
-    )]
-    pub subject_prefix: String,
-    /// Address for /metrics, /healthz and /readyz.
-    #[arg(
-        long,
-        env = "METRICS_ADDR",
-        global = true,
-        default_value = "0.0.0.0:9599"
-    )]
-    pub metrics_addr: String,
-    /// Failures specific to an event before it becomes `failed`.
-    #[arg(long, env = "OUTBOX_MAX_RETRIES", global = true, default_value_t = 10)]
-    pub max_retries: u32,
-    /// Project published events into event_logs.
-    #[arg(long, env = "OUTBOX_EVENT_LOGS", global = true)]
-    pub event_logs: bool,
-    /// Seconds between polls of the outbox statistics (pending, failed, lag) for the gauges.
-    #[arg(
-        long,
-        env = "OUTBOX_STATS_INTERVAL",
-        global = true,
-        default_value_t = 10.0
-    )]
-    pub stats_interval: f64,
-    /// Seconds a pending row must be older than the stream's confirmed horizon before the sweeper publishes it.
-    #[arg(
-        long,
-        env = "OUTBOX_SWEEP_MIN_AGE",
-        global = true,
-        default_value_t = 60.0
-    )]
-    pub sweep_min_age: f64,
-    /// Seconds the replication connection may stay silent before it counts as dead and a new session starts; also the session's wal_sender_timeout (the server pings at half of it).
-    #[arg(
-        long,
-        env = "OUTBOX_REPLICATION_TIMEOUT",
-        global = true,
-        default_value_t = 20.0
-    )]
-    pub replication_timeout: f64,
-    /// Seconds a PostgreSQL query connection may leave a request unanswered before it counts as dead (the session, sweep or poll on it starts again).
-    #[arg(
-        long,
-        env = "OUTBOX_STATEMENT_TIMEOUT",
-        global = true,
-        default_value_t = 30.0
-    )]
-    pub statement_timeout: f64,
-    /// Payload bytes held in memory at once, decoded and not yet acked (e.g. 64MiB); one larger event still goes alone.
-    #[arg(
-        long,
-        env = "OUTBOX_MAX_IN_FLIGHT_BYTES",
-        global = true,
-        value_name = "BYTES",
-        default_value = "64MiB"
-    )]
-    pub max_in_flight_bytes: String,
-    /// While running, delete published rows older than this (e.g. 7d); off by default.
-    #[arg(long, env = "OUTBOX_RETENTION", global = true, value_name = "DURATION")]
-    pub retention: Option<String>,
-    /// Log lines as text or as one JSON object a line.
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        global = true,
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-}
 
 /// A flag value that cannot work; the message says which and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -261,59 +61,17 @@ pub enum ConfigError {
     BadSize(String),
 }
 
-/// How the tailer authenticates to NATS. Its `Debug` never shows a secret.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) enum NatsAuth {
-    None,
-    UserPassword {
-        user: String,
-        password: String,
-    },
-    Token(String),
-    /// A `.creds` file: the user's JWT and nkey seed.
-    Creds(PathBuf),
-    /// A file holding an nkey seed.
-    Nkey(PathBuf),
-}
-
-impl fmt::Debug for NatsAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NatsAuth::None => f.write_str("None"),
-            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
-            NatsAuth::Token(_) => f.write_str("Token(***)"),
-            NatsAuth::Creds(path) => write!(f, "Creds({})", path.display()),
-            NatsAuth::Nkey(path) => write!(f, "Nkey({})", path.display()),
-        }
-    }
-}
-
-/// TLS to NATS.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct NatsTls {
-    /// A `tls://` URL or any TLS flag: plaintext is refused.
-    pub(crate) required: bool,
-    pub(crate) ca: Option<PathBuf>,
-    pub(crate) client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-/// Servers and credentials from `--nats-url` and the `--nats-*` flags.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct NatsConfig {
-    /// Seed URLs without credentials (the client ignores embedded ones).
-    pub(crate) servers: Vec<String>,
-    pub(crate) auth: NatsAuth,
-    pub(crate) tls: NatsTls,
-}
-
-/// The validated configuration. Its `Debug` never shows passwords.
-#[derive(Clone)]
+/// The validated configuration. Every field is safe to print: the parsed
+/// configurations redact their own secrets, and the URLs are kept only as
+/// redacted text, so `Debug` is derived.
+#[derive(Debug, Clone)]
 pub struct Config {
-    /// Parsed as libpq would (TLS parameters taken out into `pg_tls`); the
-    /// original text is kept for messages (redacted).
+    /// Parsed as libpq would (TLS parameters taken out into `pg_tls`).
     pub database: tokio_postgres::Config,
+    /// `--database-url`, redacted, for messages.
     pub database_url: String,
     pub(crate) pg_tls: PgTls,
+    /// `--nats-url`, redacted, for messages.
     pub nats_url: String,
     pub(crate) nats: NatsConfig,
     pub slot: String,
@@ -340,33 +98,6 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("database_url", &redact_url(&self.database_url))
-            .field("pg_tls", &self.pg_tls)
-            .field("nats_url", &redact_url(&self.nats_url))
-            .field("nats", &self.nats)
-            .field("slot", &self.slot)
-            .field("slot_failover", &self.slot_failover)
-            .field("publication", &self.publication)
-            .field("stream", &self.stream)
-            .field("stream_replicas", &self.stream_replicas)
-            .field("subject_prefix", &self.subject_prefix)
-            .field("metrics_addr", &self.metrics_addr)
-            .field("max_retries", &self.max_retries)
-            .field("event_logs", &self.event_logs)
-            .field("stats_interval", &self.stats_interval)
-            .field("sweep_min_age", &self.sweep_min_age)
-            .field("replication_timeout", &self.replication_timeout)
-            .field("statement_timeout", &self.statement_timeout)
-            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
-            .field("retention", &self.retention)
-            .field("log_format", &self.log_format)
-            .finish()
-    }
-}
-
 impl Config {
     pub fn from_options(options: &Options) -> Result<Config, ConfigError> {
         Config::from_options_and_env(options, |name| std::env::var(name).ok())
@@ -391,11 +122,6 @@ impl Config {
             other => other,
         })?;
         database.ssl_mode(pg_tls.mode.for_tokio_postgres());
-        if !valid_nats_url(&options.nats_url) {
-            return Err(ConfigError::MalformedNatsUrl {
-                url: redact_url(&options.nats_url),
-            });
-        }
         for (flag, value) in [
             ("slot", &options.slot),
             ("publication", &options.publication),
@@ -450,9 +176,9 @@ impl Config {
             max_in_flight_bytes,
             retention,
             database,
-            database_url,
+            database_url: redact_url(&database_url),
             pg_tls,
-            nats_url: options.nats_url.clone(),
+            nats_url: redact_url(&options.nats_url),
             nats,
             slot: options.slot.clone(),
             slot_failover: options.slot_failover,
@@ -474,7 +200,7 @@ impl Config {
 
 /// A secret from its flag or variable, else from the file `file_var` names
 /// (the container convention), without its trailing newline.
-fn secret(
+pub(super) fn secret(
     value: Option<String>,
     file_var: &'static str,
     env: &impl Fn(&str) -> Option<String>,
@@ -496,77 +222,6 @@ fn secret(
 
 /// Seed servers, one credential and TLS for NATS. Credentials in the URL
 /// count only when no flag gives one.
-fn nats_config(
-    options: &Options,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<NatsConfig, ConfigError> {
-    let password = secret(options.nats_password.clone(), "NATS_PASSWORD_FILE", env)?;
-    let token = secret(options.nats_token.clone(), "NATS_TOKEN_FILE", env)?;
-    let mut given = Vec::new();
-    let mut auth = NatsAuth::None;
-    if options.nats_user.is_some() || password.is_some() {
-        given.push("user/password");
-        auth = NatsAuth::UserPassword {
-            user: options.nats_user.clone().unwrap_or_default(),
-            password: password.unwrap_or_default(),
-        };
-    }
-    if let Some(token) = token {
-        given.push("token");
-        auth = NatsAuth::Token(token);
-    }
-    if let Some(path) = &options.nats_creds {
-        given.push("creds");
-        auth = NatsAuth::Creds(path.clone());
-    }
-    if let Some(path) = &options.nats_nkey {
-        given.push("nkey");
-        auth = NatsAuth::Nkey(path.clone());
-    }
-    if given.len() > 1 {
-        return Err(ConfigError::NatsCredentials(given.join(", ")));
-    }
-    let mut servers = Vec::new();
-    let mut tls_url = false;
-    for server in options
-        .nats_url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let (scheme, rest) = server.split_once("://").unwrap_or(("nats", server));
-        let (userinfo, host) = match rest.rsplit_once('@') {
-            Some((userinfo, host)) => (Some(userinfo), host),
-            None => (None, rest),
-        };
-        if given.is_empty() {
-            match userinfo.map(|u| u.split_once(':')) {
-                Some(Some((user, password))) => {
-                    auth = NatsAuth::UserPassword {
-                        user: user.to_owned(),
-                        password: password.to_owned(),
-                    }
-                }
-                Some(None) => auth = NatsAuth::Token(userinfo.unwrap_or_default().to_owned()),
-                None => {}
-            }
-        }
-        tls_url |= scheme == "tls";
-        servers.push(format!("{scheme}://{host}"));
-    }
-    let client_cert = match (&options.nats_tls_cert, &options.nats_tls_key) {
-        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
-        (None, None) => None,
-        _ => return Err(ConfigError::NatsClientCert),
-    };
-    let tls = NatsTls {
-        required: tls_url || options.nats_tls_ca.is_some() || client_cert.is_some(),
-        ca: options.nats_tls_ca.clone(),
-        client_cert,
-    };
-    Ok(NatsConfig { servers, auth, tls })
-}
-
 /// Bytes as people write them: `67108864`, `64MiB`, `64M` (binary units).
 fn parse_size(value: &str) -> Option<usize> {
     let value = value.trim();
@@ -634,67 +289,10 @@ fn valid_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn valid_nats_url(url: &str) -> bool {
-    url.split(',').all(|one| {
-        let one = one.trim();
-        let rest = ["nats://", "tls://", "ws://", "wss://"]
-            .iter()
-            .find_map(|scheme| one.strip_prefix(scheme))
-            .unwrap_or(one);
-        let host_port = rest.rsplit('@').next().unwrap_or(rest);
-        !host_port.is_empty()
-            && !host_port.contains('/')
-            && !host_port.contains(char::is_whitespace)
-    })
-}
-
-/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`, and
-/// `password=secret` → `password=***`, for anything that gets printed. Each
-/// of several comma-separated servers is redacted on its own; credentials run
-/// to the last `@` (a password may hold `/`, `?` or `:`); a quoted
-/// `password='a b'` is redacted whole.
-pub fn redact_url(url: &str) -> String {
-    let mut out: String = url
-        .split(',')
-        .map(redact_userinfo)
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut from = 0;
-    while let Some(found) = out[from..].find("password=") {
-        let value_start = from + found + "password=".len();
-        let rest = &out[value_start..];
-        let value_len = match rest.strip_prefix('\'') {
-            Some(quoted) => quoted.find('\'').map_or(rest.len(), |end| end + 2),
-            None => rest.find(['&', ' ']).unwrap_or(rest.len()),
-        };
-        out.replace_range(value_start..value_start + value_len, "***");
-        from = value_start + 3;
-    }
-    out
-}
-
-/// The userinfo of one `scheme://userinfo@host…`, redacted.
-fn redact_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let start = scheme_end + 3;
-    let Some(at) = url[start..].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &url[start..start + at];
-    let redacted = match userinfo.split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        // A lone token (nats://token@host) is a secret too.
-        None if url.starts_with("nats") || url.starts_with("tls") => "***".to_owned(),
-        None => userinfo.to_owned(),
-    };
-    format!("{}{redacted}{}", &url[..start], &url[start + at..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     fn options(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("outbox-tailer").chain(args.iter().copied()))
@@ -709,6 +307,30 @@ mod tests {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
         })
+    }
+
+    #[test]
+    fn the_nats_url_is_read_once_and_each_server_checked() {
+        let servers = |url: &str| config_with(&["--nats-url", url], &[]).map(|c| c.nats.servers);
+        assert_eq!(
+            servers("127.0.0.1:4222, tls://b:4222").unwrap(),
+            ["nats://127.0.0.1:4222", "tls://b:4222"]
+        );
+        for bad in [
+            "foo://a:4222",
+            "nats://a:4222,",
+            "nats://",
+            "nats://a:4222/x",
+            "nats://a b:1",
+        ] {
+            assert!(
+                matches!(servers(bad), Err(ConfigError::MalformedNatsUrl { .. })),
+                "{bad}"
+            );
+        }
+        // The error never shows a credential.
+        let error = servers("nats://u:secret@a/b").unwrap_err().to_string();
+        assert!(!error.contains("secret"), "{error}");
     }
 
     #[test]
