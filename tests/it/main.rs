@@ -11,11 +11,12 @@
 mod common;
 
 mod cluster;
-mod container;
+mod compose;
 mod dashboards;
 mod failover;
 mod failures;
 mod harness;
+mod image;
 mod kubernetes;
 mod marker;
 mod memory;

@@ -100,3 +100,40 @@ pub fn strings(value: &Value) -> Vec<&str> {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default()
 }
+
+/// Makes sure `tools` are installed (as `scripts/setup` does: apt-get, as
+/// root); `Err` says why they are not.
+pub fn install(tools: &[&str], packages: &[&str]) -> Result<(), String> {
+    let missing = || {
+        tools
+            .iter()
+            .filter(|t| !on_path(t))
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    if missing().is_empty() {
+        return Ok(());
+    }
+    let root = run("id", &["-u"], Duration::from_secs(10)).stdout.trim() == "0";
+    if !root {
+        return Err(format!(
+            "{:?} not installed and not root to apt-get install them (run scripts/setup)",
+            missing()
+        ));
+    }
+    eprintln!("installing {packages:?} with apt-get");
+    let update = run("apt-get", &["update", "-qq"], Duration::from_secs(300));
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(packages);
+    let install = run("apt-get", &args, Duration::from_secs(900));
+    if missing().is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} could not be installed:\n{}{}",
+            missing(),
+            update.text,
+            install.text
+        ))
+    }
+}
