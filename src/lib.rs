@@ -2,29 +2,30 @@
 //! JetStream by tailing a logical replication slot. The WAL is the queue.
 //!
 //! # Layout
-//! - [`app`]: `run` (the session loop, reconnecting after failures) and `setup`.
-//! - [`pipeline`]: one replication session: reader → publisher → marker tasks.
-//! - [`replication`]: start-up checks, publication and slot, the servers of a
-//!   multi-host URL, the replication stream (on the server the query
-//!   connection reached), which primary it is (timeline), pgoutput decoding
-//!   (pure), LSN progress.
-//! - [`publish`]: subjects and messages (pure), failure classes, chained
-//!   publishing with go-back-N (the stream's and the sweeper's), the JetStream
-//!   connection and stream, and whose turn it is to publish (stream or sweeper).
-//! - [`db`]: query connections that notice a silent server (keepalives,
-//!   `TCP_USER_TIMEOUT`, a watchdog on unanswered requests).
-//! - [`error`]: error kinds and the one retry policy; [`backoff`]; [`shutdown`];
-//!   [`supervise`]: background tasks that must not die silently.
-//! - [`metrics`]: every exported metric; [`http`]: /metrics, /healthz, /readyz;
-//!   [`stats`]: the outbox's state from the database (gauges and `status`).
-//! - [`config`]: the command line and environment (the contract's flags) and
-//!   their validation into one [`config::Config`].
-//! - [`outbox`]: the `event_outbox` table: batched status writes, failed
-//!   attempts, the replay check and the catch-up sweeper.
-//! - [`tls`]: TLS on one crypto provider: libpq's `sslmode` for both
-//!   PostgreSQL connections, verifiers, readable handshake errors.
-//! - [`event`]: the one domain type, an outbox row; [`pgtime`]: PostgreSQL's
-//!   time unit.
+//! Layers, lowest first; a module uses only the layers below its own
+//! (`tests/it/layering.rs` checks it).
+//! 1. [`backoff`] (pure policies), [`event`] (the one domain type, an
+//!    outbox row, and its column list), [`pgtime`] (PostgreSQL's time, unit
+//!    and text), [`metrics`] (every exported metric), [`shutdown`].
+//! 2. [`tls`]: one crypto provider, verifiers, libpq's `sslmode`.
+//! 3. [`config`]: the command line and environment (the contract's flags),
+//!    NATS settings, redaction, validated into one [`config::Config`].
+//! 4. [`db`]: query connections to the URL's servers, watched for silence.
+//! 5. [`replication`]: start-up checks, publication and slot, the stream and
+//!    its TLS bridge, which primary it is (timeline), pgoutput decoding
+//!    (pure), progress (received and confirmed positions).
+//!    [`publish`]: subjects and messages (pure), failure classes, the publish
+//!    window (pure), chained publishing with go-back-N (the stream's and the
+//!    sweeper's), the JetStream connection and stream, whose turn it is.
+//! 6. [`outbox`]: the `event_outbox` table: batched status writes, failed
+//!    attempts, visibility, the replay check, the catch-up sweeper and its
+//!    boundary with the stream, retention.
+//! 7. [`error`]: every error with its typed cause, and the one retry policy.
+//! 8. [`pipeline`]: one replication session (reader → publisher → marker);
+//!    [`stats`] (the outbox's state, `status`); [`http`] (/metrics, /healthz,
+//!    /readyz); [`supervise`] (background tasks that must not die silently).
+//! 9. [`app`]: `run` (the session loop, reconnecting after failures), `setup`
+//!    and the other subcommands.
 //!
 //! Outside this crate, in the workspace: `outbox-producer` (write an event
 //! inside your own transaction), `outbox-testkit` (throwaway servers for

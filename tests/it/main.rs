@@ -18,6 +18,7 @@ mod failures;
 mod harness;
 mod image;
 mod kubernetes;
+mod layering;
 mod marker;
 mod memory;
 mod nats_outage;
