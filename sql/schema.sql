@@ -30,8 +30,13 @@ CREATE TABLE event_outbox (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     published_at timestamp with time zone,
     last_error text,
+    -- Message headers of the event's own: a JSON object of strings (the
+    -- rules on names and values are the tailer's, docs/contract.md section 3).
+    headers jsonb,
     CONSTRAINT event_outbox_pkey PRIMARY KEY (id),
-    CONSTRAINT ck_event_outbox_status CHECK (status IN ('pending', 'published', 'failed'))
+    CONSTRAINT ck_event_outbox_status CHECK (status IN ('pending', 'published', 'failed')),
+    CONSTRAINT ck_event_outbox_headers CHECK (headers IS NULL OR (jsonb_typeof(headers) = 'object'
+        AND NOT jsonb_path_exists(headers, '$.* ? (@.type() != "string")')))
 );
 
 CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON event_outbox (status, next_retry_at, created_at);

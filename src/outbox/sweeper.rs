@@ -17,7 +17,7 @@
 //! index probe that finds nothing (and the stream is not interrupted).
 
 use crate::config::Config;
-use crate::event::{row_from, OutboxRow, ROW_COLUMNS};
+use crate::event::{row_from, OutboxRow, ROW_COLUMNS, ROW_COLUMNS_WITH_HEADERS};
 use crate::outbox::attempts;
 use crate::outbox::boundary::{Boundary, Samples};
 use crate::outbox::marker::Marker;
@@ -95,6 +95,24 @@ const SAMPLE_SQL: &str =
             (SELECT system_identifier::text FROM pg_control_system()), \
             pg_walfile_name(pg_current_wal_insert_lsn()), \
             pg_snapshot_xmin(pg_current_snapshot())::text";
+
+/// The column list for the table as it is: with `headers` once a migration
+/// added it.
+async fn row_columns(db: &Client) -> Result<&'static str, tokio_postgres::Error> {
+    let has_headers: bool = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'event_outbox'::regclass \
+             AND attname = 'headers' AND NOT attisdropped)",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(if has_headers {
+        ROW_COLUMNS_WITH_HEADERS
+    } else {
+        ROW_COLUMNS
+    })
+}
 
 /// The sample's oldest running transaction (64 bits, as text).
 fn xmin_of(sample: &tokio_postgres::Row) -> Result<u64, SweepError> {
@@ -181,6 +199,9 @@ impl Sweeper {
         )
         .map_err(|e| SweepError::Internal(e.to_string()))?;
         let mut marker: Option<Marker> = None;
+        // Rows read with their headers where the table has the column
+        // (added by a migration while the tailer runs, or not at all).
+        let mut columns = None;
         loop {
             // Nothing due (nearly always): the stream is not interrupted.
             if !db
@@ -192,11 +213,15 @@ impl Sweeper {
             }
             // Taken before any row is locked: the publisher hands over with
             // nothing in flight, and nothing it waits for waits for us.
+            let columns = match columns {
+                Some(columns) => columns,
+                None => *columns.insert(row_columns(db).await?),
+            };
             let _turn = self.turn.sweeper().await;
             let tx = db.transaction().await?;
             let rows = tx
                 .query(
-                    &format!("SELECT {ROW_COLUMNS} {SWEEP_WHERE}"),
+                    &format!("SELECT {columns} {SWEEP_WHERE}"),
                     &[&cutoff_time, &ended_before, &self.max_batch_bytes],
                 )
                 .await?;
@@ -275,6 +300,7 @@ impl Sweeper {
                 Err(error) => error,
             };
             let id = front.row.id;
+            let front_trace = front.row.trace_id();
             let failure = classify(&error);
             if failure == Failure::Chain && chain_breaks < 3 {
                 chain_breaks += 1;
@@ -289,6 +315,7 @@ impl Sweeper {
             window.settle_front();
             if dead == Some(true) {
                 swept.dead += 1;
+                tracing::warn!(%id, trace_id = front_trace, %error, "swept event failed (dead letter); `outbox-tailer requeue` retries it");
                 // The rest were chained to it, unless it was never sent.
                 if !never_sent(&error) {
                     chain.resend(&mut window).await;

@@ -252,6 +252,7 @@ impl Publisher {
         let verdict = verdict(failure, head.attempts, self.max_retries);
         let text = error.to_string();
         let id = head.row.id;
+        let trace_id = head.row.trace_id();
         let mut dead = attempts::record(&*self.db, id, &text, verdict).await?;
         if dead.is_none() && verdict.dead_at.is_some() {
             // No pending row to fail: settled by someone else, deleted, or
@@ -267,7 +268,7 @@ impl Publisher {
             self.window.settle_front();
             self.metrics.in_flight.dec();
             self.metrics.events_failed.inc();
-            tracing::warn!(%id, error = %text, "event failed (dead letter); `outbox-tailer requeue` retries it");
+            tracing::warn!(%id, trace_id, error = %text, "event failed (dead letter); `outbox-tailer requeue` retries it");
             // One the client never sent left no gap: the events behind it
             // were chained past it and stand. Otherwise they were chained
             // to it, and go again.
@@ -293,9 +294,9 @@ impl Publisher {
                 }
                 _ => "retrying in order (recorded on the row)",
             };
-            tracing::warn!(%id, error = %text, "publishing failed; {hint}");
+            tracing::warn!(%id, trace_id, error = %text, "publishing failed; {hint}");
         } else {
-            tracing::debug!(%id, error = %text, attempt, retry_in = ?verdict.retry_in, "publish failed again");
+            tracing::debug!(%id, trace_id, error = %text, attempt, retry_in = ?verdict.retry_in, "publish failed again");
         }
         let delay = verdict.retry_in;
         tokio::time::sleep(delay).await;

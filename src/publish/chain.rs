@@ -11,7 +11,7 @@
 
 use crate::event::OutboxRow;
 use crate::publish::message::Message;
-use crate::publish::policy::{never_sent, refuse};
+use crate::publish::policy::{never_sent, refuse, unsendable};
 use crate::publish::window::Window;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
@@ -48,7 +48,11 @@ impl Chain {
 
     /// Sends `row`; a send that fails yields its error as the ack.
     pub(crate) async fn send(&mut self, row: &OutboxRow) -> AckFuture {
-        let message = Message::from_row(&self.subject_prefix, row);
+        let message = match Message::from_row(&self.subject_prefix, row) {
+            Ok(message) => message,
+            // Never sent: it fails alone, and nothing waits for it.
+            Err(error) => return Box::pin(std::future::ready(Err(unsendable(error.into())))),
+        };
         if let Some(error) = refuse(&message.subject) {
             // The server would drop the connection on it, for ever: refused
             // here, unsent, it fails alone.

@@ -1,11 +1,14 @@
 //! The JetStream message for an outbox row: subject, body and headers
-//! (docs/contract.md section 3). Pure code.
+//! (docs/contract.md section 3): the tailer's `Outbox-*` ones, then the
+//! row's own, checked by the producer crate's rules (one implementation for
+//! both sides). Pure code.
 
 use super::subject::subject;
 use crate::event::OutboxRow;
 use crate::pgtime;
 use async_nats::header::{HeaderMap, HeaderValue};
 use bytes::Bytes;
+use outbox_producer::HeaderError;
 
 /// JetStream de-duplicates on this header within the stream's window.
 pub const MSG_ID: &str = "Nats-Msg-Id";
@@ -27,7 +30,9 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn from_row(prefix: &str, row: &OutboxRow) -> Message {
+    /// The message for `row`; an error when the row's own headers break the
+    /// rules (the event can never be sent: a dead letter naming the header).
+    pub fn from_row(prefix: &str, row: &OutboxRow) -> Result<Message, HeaderError> {
         let id = row.id.to_string();
         let mut headers = HeaderMap::new();
         headers.insert(MSG_ID, header_value(&id));
@@ -42,11 +47,16 @@ impl Message {
             headers.insert(PROJECT_ID, header_value(project_id));
         }
         headers.insert(CREATED_AT, header_value(&pgtime::rfc3339(&row.created_at)));
-        Message {
+        if let Some(stored) = &row.headers {
+            for (name, value) in outbox_producer::headers::parse(stored)? {
+                headers.insert(name.as_str(), value.as_str());
+            }
+        }
+        Ok(Message {
             subject: subject(prefix, &row.aggregate_type, &row.event_type),
             headers,
             body: row.payload.clone(),
-        }
+        })
     }
 }
 
@@ -79,12 +89,13 @@ mod tests {
             event_type: "message.created".into(),
             payload: Bytes::from_static(br#"{"n": 123456789012345678901234567890}"#),
             created_at: "2026-11-26 18:28:37.123456+00".into(),
+            headers: None,
         }
     }
 
     #[test]
     fn builds_subject_body_and_headers() {
-        let message = Message::from_row("events", &row());
+        let message = Message::from_row("events", &row()).unwrap();
         assert_eq!(message.subject, "events.chat.message.created");
         assert_eq!(
             &message.body[..],
@@ -114,7 +125,7 @@ mod tests {
     fn control_characters_never_break_a_header() {
         let mut odd = row();
         odd.aggregate_id = "a\r\nNats-Msg-Id: forged".into();
-        let message = Message::from_row("events", &odd);
+        let message = Message::from_row("events", &odd).unwrap();
         assert_eq!(
             message.headers.get(AGGREGATE_ID).unwrap().as_str(),
             "a  Nats-Msg-Id: forged"

@@ -45,16 +45,20 @@ pub(crate) enum Failure {
 pub(crate) enum Unsendable {
     #[error("subject is {0} bytes, over the {MAX_SUBJECT_BYTES} a NATS control line takes: shorten aggregate_type or event_type")]
     SubjectTooLong(usize),
+    /// The row's own headers break the contract's rules.
+    #[error("{0}: fix event_outbox.headers, then `outbox-tailer requeue`")]
+    Headers(#[from] outbox_producer::HeaderError),
+}
+
+/// The error for a publish the tailer refused to send: no retry changes it.
+pub(crate) fn unsendable(why: Unsendable) -> PublishError {
+    PublishError::with_source(PublishErrorKind::Other, why)
 }
 
 /// The error for a publish the tailer must not send, if `subject` is one.
 pub(crate) fn refuse(subject: &str) -> Option<PublishError> {
-    (subject.len() > MAX_SUBJECT_BYTES).then(|| {
-        PublishError::with_source(
-            PublishErrorKind::Other,
-            Unsendable::SubjectTooLong(subject.len()),
-        )
-    })
+    (subject.len() > MAX_SUBJECT_BYTES)
+        .then(|| unsendable(Unsendable::SubjectTooLong(subject.len())))
 }
 
 pub(crate) fn classify(error: &PublishError) -> Failure {

@@ -150,6 +150,7 @@ mod tests {
             event_type: "x".into(),
             payload: Bytes::from_static(b"{}"),
             created_at: String::new(),
+            headers: None,
         }
     }
 

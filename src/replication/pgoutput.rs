@@ -56,6 +56,8 @@ struct OutboxColumns {
     event_type: usize,
     payload: usize,
     created_at: usize,
+    /// None before the `headers` revision (both schemas stream).
+    headers: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +145,7 @@ impl Decoder {
                 event_type: text(columns.event_type, "event_type")?,
                 payload,
                 created_at: text(columns.created_at, "created_at")?,
+                headers: optional(columns.headers, "headers")?,
             })
         };
         row().map(Some).map_err(|cause| DecodeError::Event {
@@ -207,6 +210,7 @@ fn parse_relation(data: &Bytes) -> Result<(u32, Relation), DecodeError> {
             event_type: require("event_type")?,
             payload: require("payload")?,
             created_at: require("created_at")?,
+            headers: find("headers"),
         }),
     ))
 }

@@ -16,6 +16,7 @@ mod dashboards;
 mod failover;
 mod failures;
 mod harness;
+mod headers;
 mod image;
 mod kubernetes;
 mod layering;

@@ -437,7 +437,7 @@ impl Ceiling {
                     window.pop_front().ok_or("empty window")?;
                 stored += usize::from(!ack.await?.duplicate);
             }
-            let message = Message::from_row("events", row);
+            let message = Message::from_row("events", row)?;
             let mut publish = PublishMessage::build()
                 .payload(message.body)
                 .headers(message.headers);

@@ -12,6 +12,27 @@
 //! tx.commit().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Headers of your own (a tenant, a schema version, W3C trace context) go
+//! out on the event's message after the tailer's, checked here by the same
+//! rules the tailer applies ([`headers`]):
+//!
+//! ```no_run
+//! # async fn example(tx: &tokio_postgres::Transaction<'_>) -> Result<(), Box<dyn std::error::Error>> {
+//! # use outbox_producer::{insert_event, NewEvent};
+//! let payload = serde_json::json!({"text": "hello"});
+//! let event = NewEvent::new("chat", "7f0c...", "message.created", &payload)
+//!     .header("tenant", "acme")?
+//!     .header("schema-version", "2")?;
+//! insert_event(tx, &event).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod headers;
+#[cfg(feature = "trace-context")]
+mod trace;
+
+pub use headers::HeaderError;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, ToStatement};
@@ -22,6 +43,13 @@ use uuid::Uuid;
 pub const INSERT_EVENT_SQL: &str = "INSERT INTO event_outbox \
      (aggregate_type, aggregate_id, user_id, project_id, event_type, payload) \
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING id";
+
+/// As [`INSERT_EVENT_SQL`], with the event's headers (`$7`, a JSON object of
+/// strings). Needs the `headers` column (Alembic revision
+/// `0005_outbox_headers`).
+pub const INSERT_EVENT_WITH_HEADERS_SQL: &str = "INSERT INTO event_outbox \
+     (aggregate_type, aggregate_id, user_id, project_id, event_type, payload, headers) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
 
 /// An event to be published once its transaction commits.
 #[derive(Debug, Clone)]
@@ -37,6 +65,8 @@ pub struct NewEvent<'a> {
     pub event_type: &'a str,
     /// Published byte for byte as PostgreSQL renders the stored jsonb.
     pub payload: &'a serde_json::Value,
+    /// Headers of the event's own, checked as they are added ([`NewEvent::header`]).
+    headers: Vec<(String, String)>,
 }
 
 impl<'a> NewEvent<'a> {
@@ -53,7 +83,55 @@ impl<'a> NewEvent<'a> {
             project_id: None,
             event_type,
             payload,
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a header for the event's message, checked by the contract's
+    /// rules ([`headers::check`], and the total size): the error names it.
+    pub fn header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, HeaderError> {
+        let (name, value) = (name.into(), value.into());
+        headers::check(&name, &value)?;
+        let mut with = self.headers.clone();
+        with.retain(|(n, _)| *n != name);
+        with.push((name, value));
+        headers::check_all(with.iter().map(|(n, v)| (n.as_str(), v.as_str())))?;
+        self.headers = with;
+        Ok(self)
+    }
+
+    /// Adds a header when it keeps to the rules; false (and nothing added)
+    /// otherwise.
+    #[cfg_attr(not(feature = "trace-context"), allow(dead_code))]
+    fn add_header(&mut self, name: String, value: String) -> bool {
+        match self.clone().header(name, value) {
+            Ok(with) => {
+                self.headers = with.headers;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The event's own headers, in the order they were added.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// The headers as the column stores them; `None` when there are none.
+    fn headers_json(&self) -> Option<serde_json::Value> {
+        (!self.headers.is_empty()).then(|| {
+            serde_json::Value::Object(
+                self.headers
+                    .iter()
+                    .map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+            )
+        })
     }
 
     pub fn user(mut self, user_id: Uuid) -> Self {
@@ -68,15 +146,23 @@ impl<'a> NewEvent<'a> {
 }
 
 /// Inserts `event` on `client` (a transaction, normally) and returns its id.
+/// An event without headers needs no `headers` column.
 pub async fn insert_event<C: GenericClient + Sync>(
     client: &C,
     event: &NewEvent<'_>,
 ) -> Result<Uuid, tokio_postgres::Error> {
-    insert_event_with(client, INSERT_EVENT_SQL, event).await
+    let sql = if event.headers.is_empty() {
+        INSERT_EVENT_SQL
+    } else {
+        INSERT_EVENT_WITH_HEADERS_SQL
+    };
+    insert_event_with(client, sql, event).await
 }
 
 /// As [`insert_event`], with a statement the caller prepared (and cached) from
-/// [`INSERT_EVENT_SQL`]: one round trip instead of a parse and an execute.
+/// [`INSERT_EVENT_SQL`] (events without headers) or
+/// [`INSERT_EVENT_WITH_HEADERS_SQL`] (events with): one round trip instead of
+/// a parse and an execute.
 pub async fn insert_event_with<C, S>(
     client: &C,
     statement: &S,
@@ -86,7 +172,8 @@ where
     C: GenericClient + Sync,
     S: ToStatement + Sync + Send + ?Sized,
 {
-    let params: [&(dyn ToSql + Sync); 6] = [
+    let headers = event.headers_json();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
         &event.aggregate_type,
         &event.aggregate_id,
         &event.user_id,
@@ -94,6 +181,9 @@ where
         &event.event_type,
         event.payload,
     ];
+    if let Some(headers) = &headers {
+        params.push(headers);
+    }
     let row = client.query_one(statement, &params).await?;
     row.try_get(0)
 }

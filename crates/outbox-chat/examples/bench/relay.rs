@@ -38,7 +38,7 @@ pub(crate) async fn relay(database_url: &str, nats_url: &str) -> Result<()> {
         let mut ids = Vec::with_capacity(rows.len());
         for r in &rows {
             let row = row_from(r)?;
-            let message = Message::from_row("events", &row);
+            let message = Message::from_row("events", &row)?;
             let publish = jetstream::message::PublishMessage::build()
                 .payload(message.body)
                 .headers(message.headers);
