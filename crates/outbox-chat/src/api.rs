@@ -5,10 +5,11 @@ use super::store::{ChatStore, Created, StoreError};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use outbox_producer::TraceParent;
 use std::sync::Arc;
 
 /// `POST /chats/{chat_id}/messages` and `GET /healthz`.
@@ -20,15 +21,32 @@ pub fn router(store: Arc<ChatStore>) -> Router {
         .with_state(store)
 }
 
+/// Stores the message and its event. A request that carries W3C trace
+/// context (`traceparent`, `tracestate`) has its trace continued on the
+/// event: the event carries a child of the caller's span, so the subscriber
+/// that handles it joins the same trace.
 async fn post_message(
     State(store): State<Arc<ChatStore>>,
+    headers: HeaderMap,
     chat_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
     let Path(chat_id) = chat_id.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let message = MessageRequest::parse(&chat_id, &body)?;
-    let created = store.post(&message).await?;
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let trace = text("traceparent")
+        .and_then(TraceParent::parse)
+        .map(|caller| (caller.child(), text("tracestate")));
+    let created = store
+        .post_traced(&message, trace.as_ref().map(|(span, state)| (span, *state)))
+        .await?;
+    tracing::info!(
+        message_id = %created.message_id,
+        event_id = %created.event_id,
+        trace_id = trace.as_ref().map(|(span, _)| span.trace_id()),
+        "message stored"
+    );
     Ok((StatusCode::CREATED, Json(created)))
 }
 

@@ -4,7 +4,9 @@
 
 use super::request::ValidMessage;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use outbox_producer::{insert_event_with, NewEvent, INSERT_EVENT_SQL};
+use outbox_producer::{
+    insert_event_with, NewEvent, TraceParent, INSERT_EVENT_SQL, INSERT_EVENT_WITH_HEADERS_SQL,
+};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,13 +86,18 @@ impl ChatStore {
 
     /// Writes the message and its `message.created` event atomically.
     pub async fn post(&self, message: &ValidMessage) -> Result<Created, StoreError> {
+        self.post_traced(message, None).await
+    }
+
+    /// As [`ChatStore::post`], the event continuing the trace `span` (a
+    /// `traceparent`, and the `tracestate` that came with it).
+    pub async fn post_traced(
+        &self,
+        message: &ValidMessage,
+        span: Option<(&TraceParent, Option<&str>)>,
+    ) -> Result<Created, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (insert_message, insert_event) = tokio::try_join!(
-            tx.prepare_cached(INSERT_MESSAGE_SQL),
-            tx.prepare_cached(INSERT_EVENT_SQL)
-        )?;
-
         let message_id = Uuid::new_v4();
         let chat_id = message.chat_id.to_string();
         let payload = serde_json::json!({
@@ -101,9 +108,21 @@ impl ChatStore {
             "role": message.role,
             "content": message.content,
         });
-        let event = NewEvent::new("chat", &chat_id, "message.created", &payload)
+        let mut event = NewEvent::new("chat", &chat_id, "message.created", &payload)
             .user(message.user_id)
             .project(message.project_id);
+        if let Some((span, state)) = span {
+            event = event.with_traceparent(span, state);
+        }
+        let insert_event_sql = if event.headers().next().is_some() {
+            INSERT_EVENT_WITH_HEADERS_SQL
+        } else {
+            INSERT_EVENT_SQL
+        };
+        let (insert_message, insert_event) = tokio::try_join!(
+            tx.prepare_cached(INSERT_MESSAGE_SQL),
+            tx.prepare_cached(insert_event_sql)
+        )?;
         // Both statements go out in one round trip; the server runs them in order.
         let message_params: [&(dyn ToSql + Sync); 5] = [
             &message_id,

@@ -28,8 +28,10 @@ use async_nats::jetstream::{
     AckKind,
 };
 use futures_util::StreamExt;
+use outbox_producer::TraceParent;
 use std::time::Duration;
 use tokio_postgres::{Client, Transaction};
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// The header carrying `event_outbox.id` (also `Nats-Msg-Id`): the idempotency key.
@@ -105,6 +107,9 @@ pub struct Event {
     pub subject: String,
     /// The body as it came: the stored jsonb, byte for byte.
     pub payload: Vec<u8>,
+    /// The producer's trace context (a `traceparent` header), if any: the
+    /// handling continues that trace.
+    pub trace: Option<TraceParent>,
 }
 
 impl Event {
@@ -127,6 +132,9 @@ impl Event {
             aggregate_id: header(AGGREGATE_ID_HEADER)?,
             subject: message.subject.to_string(),
             payload: message.payload.to_vec(),
+            trace: header("traceparent")
+                .ok()
+                .and_then(|h| TraceParent::parse(&h)),
         })
     }
 }
@@ -211,6 +219,9 @@ pub struct Processed {
     /// How often the server has delivered it (1 the first time).
     pub delivered: i64,
     pub event_id: Option<Uuid>,
+    /// The span the handling ran as, a child of the producer's, when the
+    /// event carried trace context: its trace id is the producer's.
+    pub span: Option<TraceParent>,
     pub result: Result<Outcome, String>,
 }
 
@@ -268,15 +279,30 @@ impl Subscriber {
                     stream_sequence,
                     delivered,
                     event_id: None,
+                    span: None,
                     result: Err(reason),
                 });
             }
         };
-        let result = match apply(&mut self.db, &event).await {
+        // The handling is a span of the producer's trace: its log lines
+        // carry the trace id (and this span's id), so a trace runs from the
+        // HTTP request that wrote the event to here.
+        let span = event.trace.as_ref().map(TraceParent::child);
+        let log_span = tracing::info_span!(
+            "event",
+            event_id = %event.id,
+            trace_id = span.as_ref().map(|s| s.trace_id()),
+            span_id = span.as_ref().map(|s| s.span_id()),
+        );
+        let result = match apply(&mut self.db, &event)
+            .instrument(log_span.clone())
+            .await
+        {
             Ok(outcome) => {
                 // Only now: the effect is committed. A crash before this ack
                 // makes the server deliver again, and `apply` skips it.
                 message.double_ack().await.map_err(nats)?;
+                log_span.in_scope(|| tracing::info!(?outcome, "event handled"));
                 Ok(outcome)
             }
             Err(error) => {
@@ -295,6 +321,7 @@ impl Subscriber {
             stream_sequence,
             delivered,
             event_id: Some(event.id),
+            span,
             result,
         })
     }

@@ -31,8 +31,10 @@
 pub mod headers;
 #[cfg(feature = "trace-context")]
 mod trace;
+pub mod w3c;
 
 pub use headers::HeaderError;
+pub use w3c::TraceParent;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, ToStatement};
@@ -106,7 +108,6 @@ impl<'a> NewEvent<'a> {
 
     /// Adds a header when it keeps to the rules; false (and nothing added)
     /// otherwise.
-    #[cfg_attr(not(feature = "trace-context"), allow(dead_code))]
     fn add_header(&mut self, name: String, value: String) -> bool {
         match self.clone().header(name, value) {
             Ok(with) => {
@@ -115,6 +116,18 @@ impl<'a> NewEvent<'a> {
             }
             Err(_) => false,
         }
+    }
+
+    /// Continues the trace `parent` (and its `tracestate`, when given) on
+    /// the event: a service that received a `traceparent` passes a child of
+    /// it ([`TraceParent::child`]). A `tracestate` that would break the rules
+    /// is left out.
+    pub fn with_traceparent(mut self, parent: &TraceParent, tracestate: Option<&str>) -> Self {
+        self.add_header("traceparent".into(), parent.to_string());
+        if let Some(state) = tracestate.filter(|s| !s.is_empty()) {
+            self.add_header("tracestate".into(), state.to_owned());
+        }
+        self
     }
 
     /// The event's own headers, in the order they were added.
