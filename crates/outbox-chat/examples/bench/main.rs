@@ -81,6 +81,10 @@ struct Args {
     /// URL means prefer, and the server offers TLS).
     #[arg(long)]
     tls: bool,
+    /// Headers of their own on every event (0 to 3: tenant, schema-version,
+    /// traceparent), for what publishing them costs.
+    #[arg(long, default_value_t = 0)]
+    headers: usize,
     /// More PostgreSQL settings, `name=value` (repeatable).
     #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
     pg_settings: Vec<String>,
@@ -139,6 +143,24 @@ async fn main() -> Result<()> {
     let url = pg.create_database("chat").await?;
     alembic(&url, &["upgrade", "head"])?;
     let db = pg.connect("chat").await?;
+    if args.headers > 0 {
+        // Every event the phases write gets them, whoever inserts it.
+        let all = [
+            ("tenant", "acme"),
+            ("schema-version", "2"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ];
+        let headers: serde_json::Map<String, serde_json::Value> = all
+            .iter()
+            .take(args.headers)
+            .map(|(n, v)| ((*n).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        db.batch_execute(&format!(
+            "ALTER TABLE event_outbox ALTER COLUMN headers SET DEFAULT '{}'::jsonb",
+            serde_json::Value::Object(headers)
+        ))
+        .await?;
+    }
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
     js.create_stream(stream::Config {
         name: STREAM.into(),
