@@ -81,6 +81,9 @@ struct Args {
     /// URL means prefer, and the server offers TLS).
     #[arg(long)]
     tls: bool,
+    /// Leave the polling relay out (the tailer's figures only).
+    #[arg(long)]
+    no_relay: bool,
     /// Headers of their own on every event (0 to 3: tenant, schema-version,
     /// traceparent), for what publishing them costs.
     #[arg(long, default_value_t = 0)]
@@ -200,6 +203,7 @@ async fn main() -> Result<()> {
     let publishers: Vec<Publisher> = [Publisher::Tailer, Publisher::TailerTls, Publisher::Relay]
         .into_iter()
         .filter(|p| args.tls || *p != Publisher::TailerTls)
+        .filter(|p| !(args.no_relay && *p == Publisher::Relay))
         .collect();
     let mut report = Vec::new();
     // Each line is printed as soon as it is measured (a later failure keeps
