@@ -35,29 +35,47 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
-/// The rows the sweeper may take: pending, due, and either created before
-/// the cutoff ($1), or stamped in the future (a producer's clock ahead, up
-/// to `infinity`: only such a row has `created_at` after `now()`). The
-/// index answers this alone; `ended_before!` says which of the second kind
-/// the stream is past.
+/// Pending rows whose time to try has come.
+macro_rules! pending_due {
+    () => {
+        "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() "
+    };
+}
+/// A row stamped in the future (a producer's clock ahead, up to `infinity`:
+/// only such a row has `created_at` after `now()`) goes only when the
+/// transaction that wrote it had ended before the stream's confirmed sample
+/// (`$2`: the oldest transaction then running, as the 32-bit id `xmin` is;
+/// `age` compares ids across a wrap): its commit is before the confirmed
+/// position, so the stream is past it and will never deliver it (again).
+macro_rules! stamped_ahead_and_passed {
+    () => {
+        "created_at > now() AND age(xmin) > age($2::text::xid)"
+    };
+}
+/// The rows the sweeper may take: due, and created before the cutoff (`$1`),
+/// or stamped in the future and passed by the stream.
 macro_rules! due_rows {
     () => {
-        "FROM event_outbox WHERE status = 'pending' AND next_retry_at <= now() \
-         AND (created_at < $1 OR created_at > now())"
+        concat!(
+            pending_due!(),
+            "AND (created_at < $1 OR (",
+            stamped_ahead_and_passed!(),
+            "))"
+        )
     };
 }
-/// Whether any row is due: one index-only probe, no lock, no turn taken.
-pub const PROBE_SQL: &str = concat!("SELECT EXISTS (SELECT 1 ", due_rows!(), ")");
-/// A row stamped in the future goes only when the transaction that wrote
-/// it had ended before the stream's confirmed sample ($2: the oldest
-/// transaction then running, as the 32-bit id `xmin` is; `age` compares ids
-/// across a wrap): its commit is before the confirmed position, so the
-/// stream is past it and will never deliver it (again).
-macro_rules! ended_before {
-    () => {
-        " AND (created_at < $1 OR age(xmin) > age($2::text::xid))"
-    };
-}
+/// Whether any row is due: two index probes, no lock, no turn taken. Each
+/// range on `created_at` is an index condition, so the first is index-only
+/// and the second reads the heap only for rows stamped in the future.
+pub const PROBE_SQL: &str = concat!(
+    "SELECT EXISTS (SELECT 1 ",
+    pending_due!(),
+    "AND created_at < $1) OR EXISTS (SELECT 1 ",
+    pending_due!(),
+    "AND ",
+    stamped_ahead_and_passed!(),
+    ")"
+);
 /// The batch: the first 500 due rows, cut where their payloads pass `$2`
 /// bytes (the first row always goes), locked. The sizes are measured on at
 /// most 500 rows, not on the whole backlog. The order is total: rows of one
@@ -77,7 +95,6 @@ const SWEEP_WHERE: &str = concat!(
     "SELECT id, ctid AS tid, next_retry_at, created_at, last_error IS NULL AS untried, ",
     "octet_length(payload::text) AS size ",
     due_rows!(),
-    ended_before!(),
     " ORDER BY next_retry_at, created_at, last_error IS NULL, ctid LIMIT 500) first ",
     "WINDOW w AS (ORDER BY next_retry_at, created_at, untried, tid)) sized ",
     "WHERE n = 1 OR upto <= $3) ",
@@ -205,7 +222,7 @@ impl Sweeper {
         loop {
             // Nothing due (nearly always): the stream is not interrupted.
             if !db
-                .query_one(PROBE_SQL, &[&cutoff_time])
+                .query_one(PROBE_SQL, &[&cutoff_time, &ended_before])
                 .await?
                 .get::<_, bool>(0)
             {

@@ -223,7 +223,9 @@ async fn the_statistics_queries_and_the_sweep_probe_use_the_status_index_on_a_la
         .await
         .unwrap();
     // The sweeper's probe (every 5 s) too, with its cutoff as now().
-    let probe = outbox_tailer::internals::PROBE_SQL.replace("$1", "now()");
+    let probe = outbox_tailer::internals::PROBE_SQL
+        .replace("$1", "now()")
+        .replace("$2", "'3'");
     for sql in [
         outbox_tailer::internals::PENDING_SQL,
         outbox_tailer::internals::FAILED_SQL,
@@ -242,5 +244,15 @@ async fn the_statistics_queries_and_the_sweep_probe_use_the_status_index_on_a_la
             "{sql}\n{plan}"
         );
         assert!(!plan.contains("Seq Scan"), "{plan}");
+        // The probe's second half (rows stamped in the future) reads the
+        // heap only for index entries after now(): its range is an index
+        // condition, not a filter.
+        if sql == probe {
+            assert!(
+                plan.lines()
+                    .any(|l| l.contains("Index Cond") && l.contains("created_at > now()")),
+                "{plan}"
+            );
+        }
     }
 }

@@ -70,12 +70,31 @@ async fn rows_stamped_in_the_future_are_swept_and_published_once() {
     // --sweep-min-age (60 s) holds back every row by its created_at, so
     // these go out by the other rule or not at all.
     insert("before-slot").await;
-    let tailer = env.streaming(&db, &["run"]).await;
+    let port = outbox_testkit::free_port().unwrap();
+    let tailer = env
+        .streaming(
+            &db,
+            &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+        )
+        .await;
     // While streaming: the stream publishes them; the sweeper must not.
     insert("streamed").await;
     let js = env.js().await;
     wait_all_published(&db, &js, STREAM, 6, Duration::from_secs(30)).await;
     assert_eq!(stream_count(&js, STREAM).await, 6, "each once");
+    // Not merely de-duplicated: the sweeper took exactly the three the
+    // stream would never deliver, and sent nothing the stream sent too.
+    let (_, scrape) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(
+        metric_sum(&scrape, "outbox_sweeper_published_total"),
+        3.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        metric_sum(&scrape, "outbox_duplicates_total"),
+        0.0,
+        "{scrape}"
+    );
     assert!(
         tailer.output().contains("sweeper published"),
         "{}",
