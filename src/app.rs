@@ -159,6 +159,12 @@ async fn sessions(
         // PostgreSQL reachable, so /readyz may say `standby`.
         let in_use = error.slot_in_use();
         metrics.tailer_standby.set(i64::from(in_use));
+        if in_use {
+            *metrics
+                .standby_answered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
         let delay = if in_use {
             if !standby {
                 tracing::info!(slot = %config.slot, "standby: another tailer holds the slot; waiting to take over");

@@ -89,6 +89,13 @@ pub enum Transient {
     /// Two connections of one session reached different servers.
     #[error("{first} and {second} are different servers: the primary is changing")]
     PrimaryChanging { first: String, second: String },
+    /// A statement on a connection shared with pipelined ones, unanswered
+    /// (see `db::watched`: a read for the other answers hides its silence).
+    #[error("no answer from PostgreSQL to {what} for {after:?} (--statement-timeout): the connection went silent; starting a new session")]
+    NoAnswer {
+        what: &'static str,
+        after: std::time::Duration,
+    },
     #[error("no stream has answered for {id} for {after:?} (deleted?): starting a new session")]
     StreamGone {
         id: uuid::Uuid,

@@ -46,10 +46,23 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
 async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     readiness(&Readiness {
         active: metrics.tailer_active.get() == 1,
-        standby: metrics.tailer_standby.get() == 1,
+        standby: metrics.tailer_standby.get() == 1 && answered_lately(&metrics),
         nats: metrics.nats_connected.get() == 1,
         limited: metrics.stream_limit_reached.get() == 1,
     })
+}
+
+/// A standby's last "slot in use" answer counts this long: a few of its
+/// attempts (one every 2 s, each bounded by the connect timeout), so a
+/// standby whose PostgreSQL stops answering is not ready for long.
+const STANDBY_ANSWER_FRESH: Duration = Duration::from_secs(20);
+
+fn answered_lately(metrics: &Metrics) -> bool {
+    metrics
+        .standby_answered
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some_and(|at| at.elapsed() < STANDBY_ANSWER_FRESH)
 }
 
 /// What /readyz reads: the instance's role and the state of its servers.

@@ -35,6 +35,9 @@ pub(crate) struct Metrics {
     /// 1 while this instance stands by: another one holds the slot, and
     /// PostgreSQL answered this one's last attempt to take it.
     pub tailer_standby: IntGauge,
+    /// When PostgreSQL last said the slot is held by another (not exported):
+    /// /readyz counts a standby ready only while that is recent.
+    pub standby_answered: Mutex<Option<std::time::Instant>>,
     /// 1 while publishing stalls on a stream or account limit (stream full
     /// with discard `new`, storage exhausted): /readyz says so.
     pub stream_limit_reached: IntGauge,
@@ -152,6 +155,7 @@ impl Metrics {
             replication_connected: int_gauge("outbox_replication_connected", "1 while the replication stream is open."),
             nats_connected: int_gauge("outbox_nats_connected", "1 while connected to NATS."),
             tailer_active: int_gauge("outbox_tailer_active", "1 while this instance streams from the slot (its role is active)."),
+            standby_answered: Mutex::new(None),
             tailer_standby: int_gauge(
                 "outbox_tailer_standby",
                 "1 while this instance stands by: another instance holds the slot and PostgreSQL answers this one.",

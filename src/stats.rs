@@ -89,11 +89,11 @@ impl std::fmt::Display for SlotHolder {
 
 pub(crate) async fn query(db: &Client, slot: &str) -> Result<Stats, tokio_postgres::Error> {
     let slot_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
-    let (pending, slot_row, failed) = tokio::try_join!(
-        db.query_one(PENDING_SQL, &[]),
-        db.query_opt(SLOT_SQL, &slot_param),
-        db.query_one(FAILED_SQL, &[]),
-    )?;
+    // One at a time, not pipelined: each answer then proves the connection
+    // alive for the next, and a silent one is noticed (`db::watched`).
+    let pending = db.query_one(PENDING_SQL, &[]).await?;
+    let slot_row = db.query_opt(SLOT_SQL, &slot_param).await?;
+    let failed = db.query_one(FAILED_SQL, &[]).await?;
     Ok(Stats {
         slot: slot.to_owned(),
         slot_active: slot_row.as_ref().map(|r| r.get(0)),

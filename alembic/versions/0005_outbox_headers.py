@@ -32,9 +32,20 @@ SHAPE = (
 
 
 def upgrade() -> None:
+    # Each step may already be done: a run interrupted after the first
+    # commit (before VALIDATE finished) is run again as it is.
     op.execute("SET LOCAL lock_timeout = '5s'")
-    op.execute("ALTER TABLE event_outbox ADD COLUMN headers jsonb")
-    op.execute(f"ALTER TABLE event_outbox ADD CONSTRAINT {CHECK} CHECK ({SHAPE}) NOT VALID")
+    op.execute("ALTER TABLE event_outbox ADD COLUMN IF NOT EXISTS headers jsonb")
+    op.execute(
+        f"""
+        DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                           WHERE conname = '{CHECK}' AND conrelid = 'event_outbox'::regclass) THEN
+                ALTER TABLE event_outbox ADD CONSTRAINT {CHECK} CHECK ({SHAPE}) NOT VALID;
+            END IF;
+        END $$
+        """
+    )
     with op.get_context().autocommit_block():
         op.execute(f"ALTER TABLE event_outbox VALIDATE CONSTRAINT {CHECK}")
 

@@ -32,10 +32,44 @@ pub(crate) async fn connect(config: &Config) -> Result<Client, Unreachable> {
 /// `target_session_attrs=read-write` finds the primary). The replication
 /// stream is opened to that same server.
 pub(crate) async fn connect_endpoint(config: &Config) -> Result<(Client, Endpoint), Unreachable> {
+    connect_first(config, config.statement_timeout).await
+}
+
+/// How long the statement that creates a slot may take: it waits for the
+/// transactions running at that moment to end, which may be long on a busy
+/// primary (a prepared transaction holds it until it is resolved).
+const SLOT_CREATION: Duration = Duration::from_secs(600);
+
+/// A session for creating the slot, on `endpoint` (or the URL's first
+/// server that accepts): watched with a deadline long enough for
+/// [`SLOT_CREATION`], not `--statement-timeout`.
+pub(crate) async fn connect_for_slot(
+    config: &Config,
+    endpoint: Option<&Endpoint>,
+) -> Result<Client, Unreachable> {
+    match endpoint {
+        Some(endpoint) => connect_one(config, endpoint, SLOT_CREATION)
+            .await
+            .map_err(|reason| Unreachable {
+                target: endpoint.to_string(),
+                reason,
+            }),
+        None => connect_first(config, SLOT_CREATION)
+            .await
+            .map(|(client, _)| client),
+    }
+}
+
+/// The first server of the URL that accepts, its connection watched with
+/// `deadline`.
+async fn connect_first(
+    config: &Config,
+    deadline: Duration,
+) -> Result<(Client, Endpoint), Unreachable> {
     let endpoints = hosts::endpoints(&config.database);
     let mut refusals = Vec::with_capacity(endpoints.len());
     for endpoint in endpoints {
-        match connect_one(config, &endpoint).await {
+        match connect_one(config, &endpoint, deadline).await {
             Ok(client) => return Ok((client, endpoint)),
             Err(reason) => refusals.push((endpoint, reason)),
         }
@@ -59,7 +93,7 @@ pub(crate) async fn connect_to(
     config: &Config,
     endpoint: &Endpoint,
 ) -> Result<Client, Unreachable> {
-    connect_one(config, endpoint)
+    connect_one(config, endpoint, config.statement_timeout)
         .await
         .map_err(|reason| Unreachable {
             target: endpoint.to_string(),
@@ -68,16 +102,20 @@ pub(crate) async fn connect_to(
 }
 
 /// One server: the client, or why it could not be had. The connection is
-/// watched: a request unanswered for `--statement-timeout` ends it
-/// ([`watched`]).
-async fn connect_one(config: &Config, endpoint: &Endpoint) -> Result<Client, String> {
+/// watched: a request unanswered for `deadline` (`--statement-timeout`, for
+/// all but the slot's creation) ends it ([`watched`]).
+async fn connect_one(
+    config: &Config,
+    endpoint: &Endpoint,
+    deadline: Duration,
+) -> Result<Client, String> {
     let mut pg = hosts::only(&config.database, endpoint);
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(10));
     }
     pg.application_name("outbox-tailer");
     let tls = config.pg_tls.connector().map_err(|e| e.to_string())?;
-    watched::connect(&pg, endpoint, tls, config.statement_timeout)
+    watched::connect(&pg, endpoint, tls, deadline)
         .await
         .map_err(|error| {
             let reason = match &error {

@@ -19,10 +19,12 @@
 //!   or lost (a mark whose answer never came is re-delivered and checked).
 //!
 //! The watchdog knows only bytes, not statements (under TLS it sees
-//! ciphertext): it runs from the first write after the last read. A read
-//! answers everything written before it; a request pipelined behind one that
-//! was just answered is timed from the connection's next write, which every
-//! caller here makes soon (the next batch, poll or sweep).
+//! ciphertext): it runs from the first write after the last read, and a
+//! read stops it. So a request pipelined behind another is not watched once
+//! the first is answered: the tailer does not pipeline on a watched
+//! connection (statistics are read one query at a time), and where two
+//! tasks share one (the publisher records failures on the marker's) the
+//! rarer caller bounds its own statements.
 
 use std::future::Future;
 use std::io;

@@ -172,8 +172,16 @@ impl Opened {
             db: Arc::new(db),
             marker,
         })];
-        let slot = setup::ensure_slot(&marking[0].db, &config.slot, config.slot_failover).await?;
-        let stream = source::open(config, &endpoint, server).await?;
+        let slot = setup::ensure_slot(&marking[0].db, config, Some(&endpoint)).await?;
+        // A server that accepts the connection and then says nothing must
+        // not hold the session (or a standby's attempt) for ever.
+        let opening = config.replication_timeout + Duration::from_secs(10);
+        let stream = tokio::time::timeout(opening, source::open(config, &endpoint, server))
+            .await
+            .map_err(|_| Transient::NoAnswer {
+                what: "opening the replication stream",
+                after: opening,
+            })??;
         // Before the stream confirms anything on this server.
         sweep.streaming_from(server);
         report_server(config, metrics, primary.observe(server), slot);
@@ -267,6 +275,7 @@ async fn stream_until_done(
         metrics.clone(),
         nats.turn.clone(),
         nats.connects.clone(),
+        config.statement_timeout,
     );
     let mut publishing = tokio::spawn(publisher.run(items_rx, batch_tx));
     let mut marking = tokio::spawn(mark_batches(

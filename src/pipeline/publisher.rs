@@ -71,6 +71,8 @@ pub(super) struct Publisher {
     leaderless_since: Option<Instant>,
     /// Acks timed out in a row (reset by any answer).
     ack_timeouts: u32,
+    /// How long a statement on the shared connection may go unanswered.
+    statement_timeout: Duration,
 }
 
 impl Publisher {
@@ -81,6 +83,7 @@ impl Publisher {
         metrics: Arc<Metrics>,
         turn: Arc<PublishTurn>,
         mut connects: watch::Receiver<u64>,
+        statement_timeout: Duration,
     ) -> Publisher {
         connects.mark_unchanged();
         Publisher {
@@ -96,6 +99,7 @@ impl Publisher {
             failing: false,
             leaderless_since: None,
             ack_timeouts: 0,
+            statement_timeout,
         }
     }
 
@@ -253,14 +257,28 @@ impl Publisher {
         let text = error.to_string();
         let id = head.row.id;
         let trace_id = head.row.trace_id();
-        let mut dead = attempts::record(&*self.db, id, &text, verdict).await?;
+        // The marker's connection, shared: bounded here, since the
+        // marker's own answers could hide this one's silence from the
+        // connection's watchdog.
+        let deadline = self.statement_timeout;
+        let no_answer = |_| Transient::NoAnswer {
+            what: "recording a failed publish",
+            after: deadline,
+        };
+        let mut dead =
+            tokio::time::timeout(deadline, attempts::record(&*self.db, id, &text, verdict))
+                .await
+                .map_err(no_answer)??;
         if dead.is_none() && verdict.dead_at.is_some() {
             // No pending row to fail: settled by someone else, deleted, or
             // not visible yet. Only the last is worth waiting for; retrying
             // an event that cannot be sent for a row that is gone would hold
             // up everything behind it for ever.
             let xid = head.xid;
-            if visibility::visible(&*self.db, &[xid]).await?.contains(&xid) {
+            let visible = tokio::time::timeout(deadline, visibility::visible(&*self.db, &[xid]))
+                .await
+                .map_err(no_answer)??;
+            if visible.contains(&xid) {
                 dead = Some(true);
             }
         }

@@ -6,9 +6,10 @@
 use super::subject::subject;
 use crate::event::OutboxRow;
 use crate::pgtime;
-use async_nats::header::{HeaderMap, HeaderValue};
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use outbox_producer::HeaderError;
+use std::str::FromStr;
 
 /// JetStream de-duplicates on this header within the stream's window.
 pub const MSG_ID: &str = "Nats-Msg-Id";
@@ -49,7 +50,11 @@ impl Message {
         headers.insert(CREATED_AT, header_value(&pgtime::rfc3339(&row.created_at)));
         if let Some(stored) = &row.headers {
             for (name, value) in outbox_producer::headers::parse(stored)? {
-                headers.insert(name.as_str(), value.as_str());
+                // The rules above are stricter than the client's; should
+                // they ever disagree, the row fails rather than the process.
+                let name =
+                    HeaderName::from_str(&name).map_err(|_| HeaderError::Name(name.clone()))?;
+                headers.insert(name, value.as_str());
             }
         }
         Ok(Message {

@@ -3,6 +3,7 @@
 //! Each failure is one line that says what to do.
 
 use crate::config::Config;
+use crate::db::hosts::Endpoint;
 use crate::db::{self, error_text};
 use crate::event::OUTBOX_TABLE;
 use crate::replication::timeline;
@@ -53,9 +54,7 @@ pub enum SetupError {
 pub(crate) async fn prepare(db: &Client, config: &Config) -> Result<(), SetupError> {
     check_server(db, config).await?;
     ensure_publication(db, &config.publication).await?;
-    ensure_slot(db, &config.slot, config.slot_failover)
-        .await
-        .map(drop)
+    ensure_slot(db, config, None).await.map(drop)
 }
 
 /// `wal_level = logical`, a role that may replicate, and failover slots
@@ -174,12 +173,16 @@ pub(crate) enum Slot {
 /// standby lacks before PostgreSQL 17; the sweeper publishes the rows the
 /// stream will not deliver). With `failover` (PostgreSQL 17+, checked at
 /// start) the slot is created with `failover = true`. A slot the server
-/// invalidated is an error that says how to recover.
+/// invalidated is an error that says how to recover. The slot is created on
+/// a session of its own to `endpoint` (the session's server; the URL's
+/// first at start-up), whose deadline allows for the wait creating a slot
+/// may take (`db::connect_for_slot`).
 pub(crate) async fn ensure_slot(
     db: &Client,
-    name: &str,
-    failover: bool,
+    config: &Config,
+    endpoint: Option<&Endpoint>,
 ) -> Result<Slot, SetupError> {
+    let (name, failover) = (config.slot.as_str(), config.slot_failover);
     let existing = db
         .query_opt(
             "SELECT coalesce(plugin, ''), coalesce(database, ''), current_database()::text, \
@@ -214,7 +217,8 @@ pub(crate) async fn ensure_slot(
     } else {
         "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
     };
-    match db.execute(create, &[&name]).await {
+    let creator = db::connect_for_slot(config, endpoint).await?;
+    match creator.execute(create, &[&name]).await {
         Ok(_) => {
             tracing::info!(slot = name, failover, "created replication slot");
             // A restarted tailer cannot know the previous primary, but a

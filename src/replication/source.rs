@@ -158,7 +158,7 @@ pub(crate) async fn open(
 
 /// Why the stream could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum OpenError {
+pub(crate) enum OpenError {
     /// The replication connection's own TLS (the bridge): the network's
     /// failure, or the certificates'.
     #[error("replication connection to {server}: {error}")]

@@ -41,10 +41,15 @@ fn top_module(file: &Path) -> String {
 /// used to set a case up).
 fn uses(text: &str) -> BTreeSet<String> {
     let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+    // Comments out, then one line: a `use crate::{` group may span several.
+    let code: String = code
+        .lines()
+        .map(|line| line.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut used = BTreeSet::new();
-    for line in code.lines() {
-        let line = line.split("//").next().unwrap_or_default();
-        let mut rest = line;
+    {
+        let mut rest = code.as_str();
         while let Some(at) = rest.find("crate::") {
             rest = &rest[at + "crate::".len()..];
             let names: Vec<&str> = match rest.strip_prefix('{') {
@@ -123,7 +128,7 @@ fn no_module_uses_one_above_it() {
 
 #[test]
 fn the_check_reads_imports_as_written() {
-    let text = "use crate::error::Error;\nuse crate::{db, http::serve};\n\
+    let text = "use crate::error::Error;\nuse crate::{db,\n    http::serve};\n\
                 // crate::app in a comment\nfn f() { crate::pgtime::now_micros(); }\n\
                 #[cfg(test)]\nmod tests { use crate::app; }\n";
     let found: Vec<String> = uses(text).into_iter().collect();

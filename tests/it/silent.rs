@@ -158,3 +158,41 @@ async fn every_connection_at_once_stalling() {
     )
     .await;
 }
+
+/// The heartbeat never takes a healthy idle connection for a silent one:
+/// with the shortest timeout (2 s), an idle slot keeps its one session for
+/// many timeouts, then still streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_healthy_session_outlives_many_timeouts() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let port = free_port().unwrap();
+    let tailer = env
+        .streaming(
+            &db,
+            &[
+                "run",
+                "--replication-timeout",
+                "2",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+            ],
+        )
+        .await;
+    // Absence can only be watched for: five timeouts of an idle slot.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (_, scrape) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(
+        metric_sum(&scrape, "outbox_replication_sessions_total"),
+        1.0,
+        "{}",
+        tailer.output()
+    );
+    assert!(
+        !tailer.output().contains("went silent"),
+        "{}",
+        tailer.output()
+    );
+    insert_events(&db, "after-idle", 0, 10).await;
+    wait_all_published(&db, &env.js().await, STREAM, 10, Duration::from_secs(30)).await;
+}
