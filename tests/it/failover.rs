@@ -32,18 +32,42 @@ async fn role_gauges(port: u16) -> (f64, f64) {
     )
 }
 
+/// Two tailers on the default slot, each with its metrics port: the first
+/// streaming, the second started after it.
+struct Pair {
+    active: Tailer,
+    standby: Tailer,
+    port_a: u16,
+    port_b: u16,
+}
+
+impl Pair {
+    async fn start(env: &Env, db: &tokio_postgres::Client) -> Pair {
+        let (port_a, port_b) = (free_port().unwrap(), free_port().unwrap());
+        let metrics = |port: u16| format!("127.0.0.1:{port}");
+        let active = env
+            .streaming(db, &["run", "--metrics-addr", &metrics(port_a)])
+            .await;
+        let standby = env.tailer(&["run", "--metrics-addr", &metrics(port_b)]);
+        Pair {
+            active,
+            standby,
+            port_a,
+            port_b,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_within_30_seconds_of_a_kill() {
     let env = Env::start().await;
     let db = env.db().await;
-    let (port_a, port_b) = (free_port().unwrap(), free_port().unwrap());
-    let mut active = env
-        .streaming(
-            &db,
-            &["run", "--metrics-addr", &format!("127.0.0.1:{port_a}")],
-        )
-        .await;
-    let standby = env.tailer(&["run", "--metrics-addr", &format!("127.0.0.1:{port_b}")]);
+    let Pair {
+        mut active,
+        standby,
+        port_a,
+        port_b,
+    } = Pair::start(&env, &db).await;
     wait_for(
         "the standby to say it waits",
         Duration::from_secs(30),
@@ -130,14 +154,12 @@ async fn a_postgres_fast_restart_under_load_needs_no_tailer_restart() {
 async fn a_sigterm_hands_over_to_the_standby_within_5_seconds() {
     let env = Env::start().await;
     let db = env.db().await;
-    let (port_a, port_b) = (free_port().unwrap(), free_port().unwrap());
-    let mut active = env
-        .streaming(
-            &db,
-            &["run", "--metrics-addr", &format!("127.0.0.1:{port_a}")],
-        )
-        .await;
-    let _standby = env.tailer(&["run", "--metrics-addr", &format!("127.0.0.1:{port_b}")]);
+    let Pair {
+        mut active,
+        standby: _standby,
+        port_b,
+        ..
+    } = Pair::start(&env, &db).await;
     wait_role(port_b, "standby", Duration::from_secs(30)).await;
 
     let load = Load::start(
