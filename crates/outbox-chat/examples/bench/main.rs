@@ -151,7 +151,10 @@ async fn main() -> Result<()> {
         let all = [
             ("tenant", "acme"),
             ("schema-version", "2"),
-            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
         ];
         let headers: serde_json::Map<String, serde_json::Value> = all
             .iter()
