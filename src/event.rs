@@ -42,12 +42,15 @@ impl OutboxRow {
 }
 
 /// The columns [`row_from`] reads, in its order (the text of each as the
-/// stream would deliver it).
+/// stream would deliver it: `created_at` as PostgreSQL writes it in ISO and
+/// UTC, the fraction without trailing zeros, whatever this session's
+/// DateStyle and TimeZone; `infinity` as itself).
 macro_rules! row_columns {
     () => {
         "id, aggregate_type, aggregate_id, user_id::text, project_id::text, event_type, \
          payload::text, \
-         coalesce(to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', created_at::text)"
+         coalesce(rtrim(rtrim(to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), '0'), '.') \
+                  || '+00', created_at::text)"
     };
 }
 /// The columns for a table without the `headers` column.
@@ -68,8 +71,9 @@ pub fn row_from(r: &tokio_postgres::Row) -> Result<OutboxRow, tokio_postgres::Er
         payload: bytes::Bytes::from(r.try_get::<_, String>(6)?),
         // `infinity` has no to_char rendering: its own text, never a NULL.
         created_at: r.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
-        headers: match r.len() {
-            9 => r.try_get(8)?,
+        // Read with [`ROW_COLUMNS_WITH_HEADERS`]: its ninth column.
+        headers: match r.columns().get(8) {
+            Some(column) if column.name() == "headers" => r.try_get(8)?,
             _ => None,
         },
     })

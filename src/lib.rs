@@ -64,6 +64,7 @@ mod pgtime;
 mod pipeline;
 mod publish;
 mod replication;
+pub mod republish;
 mod stats;
 mod supervise;
 

@@ -46,6 +46,12 @@ fn main() -> ExitCode {
         },
         _ => std::time::Duration::ZERO,
     };
+    if let Command::Republish(args) = &command {
+        if !args.selects() {
+            eprintln!("outbox-tailer: republish needs a selector: --since, --until, --aggregate-type, --aggregate-id, --event-type or --id");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -73,6 +79,19 @@ fn main() -> ExitCode {
                 .await
                 .map(|count| println!("pruned {count} published events"))
                 .map_err(|e| e.to_string()),
+            Command::Republish(args) => {
+                let shutdown =
+                    shutdown::on_signals().map_err(|e| format!("cannot handle signals: {e}"))?;
+                outbox_tailer::republish::republish(&config, &args, shutdown)
+                    .await
+                    .map(|summary| {
+                        for note in summary.notes() {
+                            eprintln!("outbox-tailer: {note}");
+                        }
+                        println!("{summary}");
+                    })
+                    .map_err(|e| e.to_string())
+            }
             Command::Requeue(which) => app::requeue(&config, &which)
                 .await
                 .map(|count| {

@@ -36,12 +36,56 @@ pub enum Command {
     Requeue(RequeueArgs),
     /// Exit 0 when /healthz on --metrics-addr answers 200 (container health checks; needs no shell).
     Healthcheck,
+    /// Publish `published` events again, as first published plus Outbox-Republished: true (after the stream lost them); a selector is required.
+    Republish(RepublishArgs),
     /// Delete published rows published longer ago than --older-than, in small batches (never pending or failed rows).
     Prune {
         /// e.g. 7d, 12h, 30m.
         #[arg(long, value_name = "DURATION")]
         older_than: String,
     },
+}
+
+/// What `republish` selects: `published` rows, every given selector
+/// together (at least one is required).
+#[derive(Debug, Args)]
+pub struct RepublishArgs {
+    /// From this time on: RFC 3339 (2026-12-07T10:00:00Z), or a duration back from now (2h).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Before this time: RFC 3339, or a duration back from now.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Only this aggregate type.
+    #[arg(long, value_name = "TYPE")]
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate.
+    #[arg(long, value_name = "ID")]
+    pub aggregate_id: Option<String>,
+    /// Only this event type.
+    #[arg(long, value_name = "TYPE")]
+    pub event_type: Option<String>,
+    /// Only these event ids (with --id alone, at any time).
+    #[arg(long = "id", value_name = "UUID", num_args = 1..)]
+    pub ids: Vec<Uuid>,
+    /// Say how many events would go; publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// At most this many events a second, so live consumers are not starved (0: no limit).
+    #[arg(long, value_name = "EVENTS", default_value_t = 0)]
+    pub rate: u64,
+}
+
+impl RepublishArgs {
+    /// Whether any selector is given (`--dry-run` and `--rate` are not).
+    pub fn selects(&self) -> bool {
+        self.since.is_some()
+            || self.until.is_some()
+            || self.aggregate_type.is_some()
+            || self.aggregate_id.is_some()
+            || self.event_type.is_some()
+            || !self.ids.is_empty()
+    }
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ mod flags;
 mod nats;
 mod redact;
 
-pub use flags::{Cli, Command, LogFormat, Options, RequeueArgs};
+pub use flags::{Cli, Command, LogFormat, Options, RepublishArgs, RequeueArgs};
 use nats::nats_config;
 pub(crate) use nats::{NatsAuth, NatsConfig};
 pub use redact::redact_url;

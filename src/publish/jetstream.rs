@@ -33,6 +33,13 @@ pub enum NatsError {
     },
     #[error("no answer from JetStream at {url} within {within:?}")]
     NoAnswer { url: String, within: Duration },
+    /// `republish` gave up on an event after its tries.
+    #[error("republishing {id}: {error}")]
+    Republish {
+        id: uuid::Uuid,
+        #[source]
+        error: jetstream::context::PublishError,
+    },
 }
 
 impl NatsError {
@@ -42,7 +49,9 @@ impl NatsError {
         match self {
             NatsError::Connect(error) => refusal(error).is_some(),
             NatsError::CredentialFile { .. } => true,
-            NatsError::Stream { .. } | NatsError::NoAnswer { .. } => false,
+            NatsError::Stream { .. } | NatsError::NoAnswer { .. } | NatsError::Republish { .. } => {
+                false
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["replication", "publish"],
     &["outbox"],
     &["error"],
-    &["stats", "http", "supervise", "pipeline"],
+    &["stats", "http", "supervise", "pipeline", "republish"],
     &["app"],
     &["lib", "main"],
 ];

@@ -27,6 +27,7 @@ mod observability;
 mod odd_input;
 mod partitioned;
 mod pg_failover;
+mod republish;
 mod retention;
 mod row_filter;
 mod schema;

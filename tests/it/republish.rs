@@ -1,0 +1,269 @@
+//! `outbox-tailer republish` (contract section 2), on real servers: a
+//! deleted stream restored (every event back once, in per-aggregate order,
+//! headers as first published, rows untouched); a republish inside the
+//! duplicate window stores nothing twice; filters and `--until`; usage
+//! errors and `--dry-run`; live traffic while it runs; SIGTERM in the middle
+//! and a resumed run.
+
+use crate::common::*;
+use async_nats::jetstream;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The stream's messages by event id: (subject, headers without the
+/// republish mark, payload).
+async fn by_id(
+    js: &jetstream::Context,
+) -> HashMap<String, (String, Vec<(String, String)>, Vec<u8>)> {
+    read_stream(js, STREAM)
+        .await
+        .into_iter()
+        .map(|m| {
+            let mut headers: Vec<(String, String)> = m
+                .headers
+                .iter()
+                .flat_map(|(name, values)| {
+                    values
+                        .iter()
+                        .map(|v| (name.to_string(), v.to_string()))
+                        .collect::<Vec<_>>()
+                })
+                // The mark, and the live stream's chain (the transport's).
+                .filter(|(name, _)| {
+                    name != "Outbox-Republished" && name != "Nats-Expected-Last-Msg-Id"
+                })
+                .collect();
+            headers.sort();
+            let id = m.headers.get("Nats-Msg-Id").unwrap().to_string();
+            (id, (m.subject.to_string(), headers, m.payload.to_vec()))
+        })
+        .collect()
+}
+
+/// `published_at` of every row, to show a republish leaves rows alone.
+async fn published_at(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT id::text || ' ' || status || ' ' || published_at::text FROM event_outbox ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Rows written as `published` before the slot exists: in no stream, never
+/// delivered by the tailer (as after a stream lost them). Aggregate
+/// `archive-<i % 4>`, payload `n` increasing with `created_at`.
+async fn archived(db: &tokio_postgres::Client, rows: i64) {
+    db.execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, published_at, created_at) \
+         SELECT 'archive', 'archive-' || (i % 4), 'message.created', jsonb_build_object('n', i), \
+                'published', now() - interval '1 hour', now() - interval '1 hour' + make_interval(secs => i / 1000.0) \
+         FROM generate_series(1, $1::int8) i",
+        &[&rows],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_is_restored_once_in_order_with_headers() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let mut tailer = env.streaming(&db, &["run"]).await;
+    let load = Load::start(&env.url, LoadOptions::new("restore").limit(600));
+    db.batch_execute(
+        // One transaction: its rows share now(), and a republish orders
+        // them by (created_at, id); clock_timestamp() gives each its own.
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, headers, created_at) \
+         SELECT 'chat', 'with-headers', 'message.created', jsonb_build_object('n', i), \
+                jsonb_build_object('tenant', 'acme', 'traceparent', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'), \
+                clock_timestamp() \
+         FROM generate_series(1, 20) i",
+    )
+    .await
+    .unwrap();
+    let total = load.finish().await as u64 + 20;
+    let js = env.js().await;
+    wait_all_published(&db, &js, STREAM, total, Duration::from_secs(60)).await;
+    tailer.stop_cleanly();
+    let first = by_id(&js).await;
+    let rows_before = published_at(&db).await;
+
+    // The stream is lost.
+    js.delete_stream(STREAM).await.unwrap();
+    let (code, output) = run_to_exit(
+        &env.tailer_url,
+        &env.nats.url(),
+        &["republish", "--since", "2h"],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(
+        last_line(&output).rsplit_once(" in ").unwrap().0,
+        format!("republished {total} events (0 already in the stream)"),
+        "{output}"
+    );
+    let messages = read_stream(&js, STREAM).await;
+    assert_eq!(messages.len() as u64, total, "every event once");
+    assert_eq!(order_breaks(&messages), Vec::<String>::new());
+    assert!(messages
+        .iter()
+        .all(|m| m.headers.get("Outbox-Republished").map(|v| v.as_str()) == Some("true")));
+    assert_eq!(by_id(&js).await, first, "each as its first publish made it");
+    assert_eq!(published_at(&db).await, rows_before, "rows untouched");
+
+    // Again at once: every copy is still in the stream, none stored twice.
+    let (code, output) = run_to_exit(
+        &env.tailer_url,
+        &env.nats.url(),
+        &["republish", "--since", "2h"],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        last_line(&output).starts_with(&format!(
+            "republished {total} events ({total} already in the stream)"
+        )),
+        "{output}"
+    );
+    assert_eq!(stream_count(&js, STREAM).await, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selectors_filters_until_dry_run_and_usage_errors() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    archived(&db, 400).await;
+    let nats = env.nats.url();
+    for bare in [&["republish"][..], &["republish", "--dry-run"][..]] {
+        let (code, output) = run_to_exit(&env.tailer_url, &nats, bare);
+        assert_eq!(code, 2, "{bare:?}: {output}");
+        assert!(output.contains("republish needs a selector"), "{output}");
+    }
+    // archive-1 holds every fourth row; --until cuts before the 201st row.
+    let until: String = db
+        .query_one(
+            "SELECT (created_at)::text FROM event_outbox WHERE payload->>'n' = '201'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let filters = ["--aggregate-id", "archive-1", "--until", until.as_str()];
+    let dry: Vec<&str> = ["republish", "--dry-run"]
+        .into_iter()
+        .chain(filters)
+        .collect();
+    let (code, output) = run_to_exit(&env.tailer_url, &nats, &dry);
+    assert_eq!(
+        (code, last_line(&output)),
+        (0, "would republish 50 events (dry run: nothing sent)"),
+        "{output}"
+    );
+    let js = env.js().await;
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        0,
+        "a dry run publishes nothing"
+    );
+
+    let run: Vec<&str> = ["republish"].into_iter().chain(filters).collect();
+    let (code, output) = run_to_exit(&env.tailer_url, &nats, &run);
+    assert_eq!(code, 0, "{output}");
+    let messages = read_stream(&js, STREAM).await;
+    assert_eq!(messages.len(), 50);
+    assert!(messages
+        .iter()
+        .all(|m| m.headers.get("Outbox-Aggregate-Id").unwrap().as_str() == "archive-1"));
+    assert_eq!(order_breaks(&messages), Vec::<String>::new());
+}
+
+/// Live events keep flowing, once and in order, while a republish writes
+/// into the same stream (it breaks the live chain, which goes back and
+/// sends again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_traffic_during_a_republish_is_neither_lost_nor_repeated() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    archived(&db, 3000).await;
+    let _tailer = env.streaming(&db, &["run"]).await;
+    let load = Load::start(
+        &env.url,
+        LoadOptions::new("live").pause(Duration::from_millis(2)),
+    );
+    let js = env.js().await;
+    wait_for("live events flowing", Duration::from_secs(30), || async {
+        (stream_count(&js, STREAM).await > 100).then_some(())
+    })
+    .await;
+    let (code, output) = run_to_exit(
+        &env.tailer_url,
+        &env.nats.url(),
+        &["republish", "--aggregate-type", "archive"],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        last_line(&output).starts_with("republished 3000 events (0 already"),
+        "{output}"
+    );
+    let live = load.stop().await as u64;
+    assert!(live > 0);
+    wait_all_published(&db, &js, STREAM, 3000 + live, Duration::from_secs(60)).await;
+    assert_every_row_published_once(&db, &js, STREAM, Duration::from_secs(30)).await;
+    assert_eq!(
+        order_breaks(&read_stream(&js, STREAM).await),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_where_it_says_and_a_rerun_goes_on() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    archived(&db, 4000).await;
+    let js = env.js().await;
+    // Slowed, so the signal finds it in the middle.
+    let mut republish = Tailer::spawn(
+        &env.tailer_url,
+        &env.nats.url(),
+        &["republish", "--aggregate-type", "archive", "--rate", "1000"],
+        env.dir.path(),
+    );
+    wait_for(
+        "the republish under way",
+        Duration::from_secs(30),
+        || async { (stream_count(&js, STREAM).await > 300).then_some(()) },
+    )
+    .await;
+    republish.terminate();
+    let status = republish
+        .wait_exit(Duration::from_secs(15))
+        .expect("exit after SIGTERM");
+    let output = republish.output();
+    assert!(status.success(), "{output}");
+    let since = output
+        .split("run again with --since '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no resume point:\n{output}"))
+        .to_owned();
+    let stopped = stream_count(&js, STREAM).await;
+    assert!(stopped < 4000, "stopped in the middle: {stopped}");
+
+    let (code, output) = run_to_exit(
+        &env.tailer_url,
+        &env.nats.url(),
+        &[
+            "republish",
+            "--aggregate-type",
+            "archive",
+            "--since",
+            &since,
+        ],
+    );
+    assert_eq!(code, 0, "{output}");
+    let messages = read_stream(&js, STREAM).await;
+    assert_eq!(messages.len(), 4000, "every event once: {output}");
+    assert_eq!(order_breaks(&messages), Vec::<String>::new());
+}
