@@ -39,8 +39,8 @@ use uuid::Uuid;
 
 /// The header that marks a message as republished.
 pub const REPUBLISHED: &str = "Outbox-Republished";
-/// Rows read per page.
-const PAGE: i64 = 500;
+/// Rows read per page (held in memory beside the publishes in flight).
+const PAGE: i64 = 100;
 /// Publishes in flight at once.
 const IN_FLIGHT: usize = 256;
 /// Tries of one publish before the republish stops.
@@ -272,7 +272,12 @@ pub async fn republish(
             {
                 settle_front(&js, config, &mut window, &mut summary).await?;
             }
-            if window.len() >= IN_FLIGHT {
+            // In flight: at most IN_FLIGHT events, and their payloads
+            // within the byte budget (one larger event still goes alone).
+            while window.len() >= IN_FLIGHT
+                || (!window.is_empty()
+                    && in_flight_bytes(&window) + row.payload.len() > config.max_in_flight_bytes)
+            {
                 settle_front(&js, config, &mut window, &mut summary).await?;
             }
             pacing.wait().await;
@@ -296,6 +301,10 @@ pub async fn republish(
     settle_all(&js, config, &mut window, &mut summary).await?;
     summary.took = started.elapsed();
     Ok(summary)
+}
+
+fn in_flight_bytes(window: &VecDeque<Sent>) -> usize {
+    window.iter().map(|sent| sent.row.payload.len()).sum()
 }
 
 /// Whether the table has the `headers` column (the revision may not have run).

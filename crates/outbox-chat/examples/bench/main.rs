@@ -39,6 +39,7 @@ mod probes;
 mod producer;
 mod relay;
 
+use phases::Side;
 use probes::*;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -68,7 +69,7 @@ struct Args {
     /// Old published rows in the prune phase.
     #[arg(long, default_value_t = 500_000)]
     prune_rows: usize,
-    /// Run only these phases (drain, live, paced, big, prune, catchup).
+    /// Run only these phases (drain, live, paced, big, prune, catchup, republish).
     #[arg(long, value_delimiter = ',', default_value = "drain,live,paced,big")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit (on: as production runs;
@@ -81,6 +82,9 @@ struct Args {
     /// URL means prefer, and the server offers TLS).
     #[arg(long)]
     tls: bool,
+    /// `--rate` of the rated run in the republish phase.
+    #[arg(long, default_value_t = 5000)]
+    republish_rate: u64,
     /// Leave the polling relay out (the tailer's figures only).
     #[arg(long)]
     no_relay: bool,
@@ -250,8 +254,14 @@ async fn main() -> Result<()> {
             }
             "big" => record(bench.big().await?),
             "prune" => {
-                for pruning in [false, true] {
-                    record(bench.prune(pruning).await?);
+                for side in [Side::Nothing, Side::Prune] {
+                    record(bench.beside(side).await?);
+                }
+            }
+            "republish" => {
+                let rated = Side::Republish(Some(args.republish_rate));
+                for side in [Side::Nothing, Side::Republish(None), rated] {
+                    record(bench.beside(side).await?);
                 }
             }
             other => return Err(format!("unknown phase {other}").into()),

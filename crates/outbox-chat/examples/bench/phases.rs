@@ -292,9 +292,11 @@ impl Bench<'_> {
     }
 
     /// The paced load on an outbox holding `--prune-rows` old published rows,
-    /// without (`pruning` false) and with `outbox-tailer prune --older-than
-    /// 7d` deleting them meanwhile: what retention costs the live stream.
-    pub(crate) async fn prune(&self, pruning: bool) -> Result<Line> {
+    /// with `side` running meanwhile: nothing, `outbox-tailer prune
+    /// --older-than 7d` deleting them (what retention costs the live
+    /// stream), or `outbox-tailer republish --until 1d` putting them back
+    /// into the stream (what a republish costs it, with or without --rate).
+    pub(crate) async fn beside(&self, side: Side) -> Result<Line> {
         self.reset().await?;
         self.db
             .batch_execute(&format!(
@@ -317,28 +319,40 @@ impl Bench<'_> {
             .state
             .last_sequence
             + 1;
-        let pruner = if pruning {
-            Some(
+        let rate_text;
+        let args: Option<Vec<&str>> = match side {
+            Side::Nothing => None,
+            Side::Prune => Some(vec!["prune", "--older-than", "7d"]),
+            Side::Republish(None) => Some(vec!["republish", "--until", "1d"]),
+            Side::Republish(Some(rate)) => {
+                rate_text = rate.to_string();
+                Some(vec!["republish", "--until", "1d", "--rate", &rate_text])
+            }
+        };
+        let job = match &args {
+            Some(args) => Some(
                 tokio::process::Command::new(tailer_bin()?)
-                    .args(["prune", "--older-than", "7d"])
+                    .args(args)
                     .env("DATABASE_URL", &self.url)
+                    .env("NATS_URL", &self.nats_url)
+                    .env("RUST_LOG", "warn")
                     .stdout(Stdio::piped())
                     .spawn()?,
-            )
-        } else {
-            None
+            ),
+            None => None,
         };
         let (commits, rate) = self.paced_load().await?;
-        let note = match pruner {
-            Some(pruner) => {
-                let output = pruner.wait_with_output().await?;
+        let note = match (job, &args) {
+            (Some(job), Some(args)) => {
+                let output = job.wait_with_output().await?;
                 format!(
-                    "{} (prune running from the start of the load: {})",
+                    "{} txn/s, `{}` running from the start of the load: {}",
                     self.args.paced_rate,
+                    args.join(" "),
                     String::from_utf8_lossy(&output.stdout).trim()
                 )
             }
-            None => format!(
+            _ => format!(
                 "{} txn/s beside {} old published rows",
                 self.args.paced_rate, self.args.prune_rows
             ),
@@ -348,8 +362,8 @@ impl Bench<'_> {
         process.stop();
         let latency = self.latency(&commits, first_seq).await?;
         Ok(Line {
-            phase: "prune",
-            who: if pruning { "tailer+prune" } else { "tailer" },
+            phase: side.phase(),
+            who: side.who(),
             events: commits.len(),
             rate,
             latency: Some(latency),
@@ -445,5 +459,32 @@ impl Bench<'_> {
         latencies.sort_by(|a, b| a.total_cmp(b));
         let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
         Ok((at(0.50), at(0.99)))
+    }
+}
+
+/// What runs beside the paced load in [`Bench::beside`].
+#[derive(Clone, Copy)]
+pub(crate) enum Side {
+    Nothing,
+    Prune,
+    /// `republish`, at most this many events a second when given.
+    Republish(Option<u64>),
+}
+
+impl Side {
+    fn phase(self) -> &'static str {
+        match self {
+            Side::Nothing | Side::Prune => "prune",
+            Side::Republish(_) => "republish",
+        }
+    }
+
+    fn who(self) -> &'static str {
+        match self {
+            Side::Nothing => "tailer",
+            Side::Prune => "tailer+prune",
+            Side::Republish(None) => "tailer+repub",
+            Side::Republish(Some(_)) => "tailer+rate",
+        }
     }
 }
