@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::outbox::boundary::Boundary;
 use crate::outbox::retention;
 use crate::outbox::sweeper::{Sweeper, Swept};
-use crate::publish::jetstream::{self, NatsError};
+use crate::publish::jetstream;
 use crate::publish::turn::PublishTurn;
 use crate::replication::setup::{self, SetupError};
 use crate::replication::timeline::PrimaryWatch;
@@ -30,15 +30,7 @@ pub async fn setup(config: &Config) -> Result<(), Error> {
     setup::prepare(&db, config).await?;
     let (client, _) = jetstream::connect(config, Arc::new(Metrics::new())).await?;
     let js = jetstream::context(client);
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        jetstream::ensure_stream(&js, config),
-    )
-    .await
-    .map_err(|_| NatsError::NoAnswer {
-        url: config.nats_url.clone(),
-        within: Duration::from_secs(30),
-    })??;
+    jetstream::ensure_stream_within(&js, config, Duration::from_secs(30)).await?;
     tracing::info!(slot = %config.slot, publication = %config.publication, stream = %config.stream, "setup complete");
     Ok(())
 }

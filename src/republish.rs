@@ -24,7 +24,7 @@
 use crate::config::{Config, RepublishArgs};
 use crate::db;
 use crate::error::Error;
-use crate::event::{row_from, OutboxRow, ROW_COLUMNS, ROW_COLUMNS_WITH_HEADERS};
+use crate::event::{row_from, OutboxRow};
 use crate::metrics::Metrics;
 use crate::publish::jetstream::{self, NatsError};
 use crate::publish::message::Message;
@@ -208,20 +208,8 @@ pub async fn republish(
     }
     let (client, _) = jetstream::connect(config, Arc::new(Metrics::new())).await?;
     let js = jetstream::context(client);
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        jetstream::ensure_stream(&js, config),
-    )
-    .await
-    .map_err(|_| NatsError::NoAnswer {
-        url: config.nats_url.clone(),
-        within: Duration::from_secs(30),
-    })??;
-    let columns = if has_headers(&db).await? {
-        ROW_COLUMNS_WITH_HEADERS
-    } else {
-        ROW_COLUMNS
-    };
+    jetstream::ensure_stream_within(&js, config, Duration::from_secs(30)).await?;
+    let columns = db::outbox_row_columns(&db).await?;
     // The cursor is created_at's own text in this session (it reads back
     // exactly, `infinity` included), and the id among equal times.
     let n = selection.params.len();
@@ -305,18 +293,6 @@ pub async fn republish(
 
 fn in_flight_bytes(window: &VecDeque<Sent>) -> usize {
     window.iter().map(|sent| sent.row.payload.len()).sum()
-}
-
-/// Whether the table has the `headers` column (the revision may not have run).
-async fn has_headers(db: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(db
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'event_outbox'::regclass \
-             AND attname = 'headers' AND NOT attisdropped)",
-            &[],
-        )
-        .await?
-        .get(0))
 }
 
 /// Sends `row` as its first publish made it, plus [`REPUBLISHED`]. None for

@@ -7,6 +7,7 @@ pub(crate) mod hosts;
 pub(crate) mod watched;
 
 use crate::config::Config;
+use crate::event::{ROW_COLUMNS, ROW_COLUMNS_WITH_HEADERS};
 use hosts::Endpoint;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -159,4 +160,22 @@ pub(crate) fn error_text(error: &tokio_postgres::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The column list for the table as it is: with `headers` once a migration
+/// added it.
+pub(crate) async fn outbox_row_columns(db: &Client) -> Result<&'static str, tokio_postgres::Error> {
+    let has_headers: bool = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'event_outbox'::regclass \
+             AND attname = 'headers' AND NOT attisdropped)",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(if has_headers {
+        ROW_COLUMNS_WITH_HEADERS
+    } else {
+        ROW_COLUMNS
+    })
 }

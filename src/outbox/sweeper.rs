@@ -17,7 +17,8 @@
 //! index probe that finds nothing (and the stream is not interrupted).
 
 use crate::config::Config;
-use crate::event::{row_from, OutboxRow, ROW_COLUMNS, ROW_COLUMNS_WITH_HEADERS};
+use crate::db;
+use crate::event::{row_from, OutboxRow};
 use crate::outbox::attempts;
 use crate::outbox::boundary::{Boundary, Samples};
 use crate::outbox::marker::Marker;
@@ -112,24 +113,6 @@ const SAMPLE_SQL: &str =
             (SELECT system_identifier::text FROM pg_control_system()), \
             pg_walfile_name(pg_current_wal_insert_lsn()), \
             pg_snapshot_xmin(pg_current_snapshot())::text";
-
-/// The column list for the table as it is: with `headers` once a migration
-/// added it.
-async fn row_columns(db: &Client) -> Result<&'static str, tokio_postgres::Error> {
-    let has_headers: bool = db
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'event_outbox'::regclass \
-             AND attname = 'headers' AND NOT attisdropped)",
-            &[],
-        )
-        .await?
-        .get(0);
-    Ok(if has_headers {
-        ROW_COLUMNS_WITH_HEADERS
-    } else {
-        ROW_COLUMNS
-    })
-}
 
 /// The sample's oldest running transaction (64 bits, as text).
 fn xmin_of(sample: &tokio_postgres::Row) -> Result<u64, SweepError> {
@@ -232,7 +215,7 @@ impl Sweeper {
             // nothing in flight, and nothing it waits for waits for us.
             let columns = match columns {
                 Some(columns) => columns,
-                None => *columns.insert(row_columns(db).await?),
+                None => *columns.insert(db::outbox_row_columns(db).await?),
             };
             let _turn = self.turn.sweeper().await;
             let tx = db.transaction().await?;

@@ -202,6 +202,21 @@ pub(crate) fn context(client: async_nats::Client) -> jetstream::Context {
         .build(client)
 }
 
+/// [`ensure_stream`], for a one-shot command: an error when JetStream has
+/// not answered within `within` (a session retries instead).
+pub(crate) async fn ensure_stream_within(
+    js: &jetstream::Context,
+    config: &Config,
+    within: Duration,
+) -> Result<(), NatsError> {
+    tokio::time::timeout(within, ensure_stream(js, config))
+        .await
+        .map_err(|_| NatsError::NoAnswer {
+            url: config.nats_url.clone(),
+            within,
+        })?
+}
+
 /// Creates the stream if missing (subjects `<prefix>.>`, file storage, a
 /// two-minute duplicate window, `--stream-replicas` replicas). An existing
 /// stream is left as it is, with a warning when it cannot serve the tailer

@@ -24,20 +24,9 @@ async fn headers_of(
                 .is_some_and(|a| a.as_str() == aggregate)
         })
         .map(|m| {
-            // A header map keeps no order: sorted by name.
-            let mut own: Vec<(String, String)> = m
-                .headers
-                .iter()
-                .flat_map(|(name, values)| {
-                    values
-                        .iter()
-                        .map(|v| (name.to_string(), v.to_string()))
-                        .collect::<Vec<_>>()
-                })
-                .filter(|(name, _)| !name.starts_with("Nats-") && !name.starts_with("Outbox-"))
-                .collect();
-            own.sort();
-            own
+            sorted_headers(&m, |name| {
+                name.starts_with("Nats-") || name.starts_with("Outbox-")
+            })
         })
         .collect()
 }

@@ -19,21 +19,10 @@ async fn by_id(
         .await
         .into_iter()
         .map(|m| {
-            let mut headers: Vec<(String, String)> = m
-                .headers
-                .iter()
-                .flat_map(|(name, values)| {
-                    values
-                        .iter()
-                        .map(|v| (name.to_string(), v.to_string()))
-                        .collect::<Vec<_>>()
-                })
-                // The mark, and the live stream's chain (the transport's).
-                .filter(|(name, _)| {
-                    name != "Outbox-Republished" && name != "Nats-Expected-Last-Msg-Id"
-                })
-                .collect();
-            headers.sort();
+            // The mark, and the live stream's chain (the transport's).
+            let headers = sorted_headers(&m, |name| {
+                name == "Outbox-Republished" || name == "Nats-Expected-Last-Msg-Id"
+            });
             let id = m.headers.get("Nats-Msg-Id").unwrap().to_string();
             (id, (m.subject.to_string(), headers, m.payload.to_vec()))
         })

@@ -522,3 +522,24 @@ pub async fn lift_stream_limit(js: &jetstream::Context) {
     config.max_messages = -1;
     js.update_stream(config).await.unwrap();
 }
+
+/// A message's headers as (name, value) pairs sorted by name (a header map
+/// keeps no order), without those `drop` says to leave out.
+pub fn sorted_headers(
+    message: &jetstream::message::StreamMessage,
+    drop: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = message
+        .headers
+        .iter()
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| (name.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .filter(|(name, _)| !drop(name))
+        .collect();
+    pairs.sort();
+    pairs
+}
