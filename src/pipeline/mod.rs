@@ -301,6 +301,10 @@ async fn stream_until_done(
     // `source::silence_options`). Time spent handling an event (waiting for
     // room while NATS is down, say) is not the server's silence.
     let mut waiting_since = Instant::now();
+    // One timer for the whole session, not one per event: when it fires
+    // early (something came meanwhile) it is set again from the last event.
+    let silence = tokio::time::sleep(config.replication_timeout);
+    tokio::pin!(silence);
 
     // Priorities: shutdown first, then a failed stage, then confirmations
     // (they free WAL on the server), then the next replication event, then
@@ -347,8 +351,12 @@ async fn stream_until_done(
                 }
                 waiting_since = Instant::now();
             }
-            _ = tokio::time::sleep_until((waiting_since + config.replication_timeout).into()) => {
-                break Some(Transient::ReplicationSilent(config.replication_timeout).into());
+            () = &mut silence => {
+                let deadline = waiting_since + config.replication_timeout;
+                if Instant::now() >= deadline {
+                    break Some(Transient::ReplicationSilent(config.replication_timeout).into());
+                }
+                silence.as_mut().reset(deadline.into());
             }
         }
     };
