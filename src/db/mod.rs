@@ -49,12 +49,7 @@ pub(crate) async fn connect_for_slot(
     endpoint: Option<&Endpoint>,
 ) -> Result<Client, Unreachable> {
     match endpoint {
-        Some(endpoint) => connect_one(config, endpoint, SLOT_CREATION)
-            .await
-            .map_err(|reason| Unreachable {
-                target: endpoint.to_string(),
-                reason,
-            }),
+        Some(endpoint) => connect_on(config, endpoint, SLOT_CREATION).await,
         None => connect_first(config, SLOT_CREATION)
             .await
             .map(|(client, _)| client),
@@ -94,7 +89,16 @@ pub(crate) async fn connect_to(
     config: &Config,
     endpoint: &Endpoint,
 ) -> Result<Client, Unreachable> {
-    connect_one(config, endpoint, config.statement_timeout)
+    connect_on(config, endpoint, config.statement_timeout).await
+}
+
+/// [`connect_one`], its failure said as which server refused.
+async fn connect_on(
+    config: &Config,
+    endpoint: &Endpoint,
+    deadline: Duration,
+) -> Result<Client, Unreachable> {
+    connect_one(config, endpoint, deadline)
         .await
         .map_err(|reason| Unreachable {
             target: endpoint.to_string(),
