@@ -45,6 +45,8 @@ CREATE INDEX ix_event_outbox_project_id_created_at ON event_outbox (project_id, 
 CREATE INDEX ix_event_outbox_user_id_created_at ON event_outbox (user_id, created_at);
 -- Retention (prune, --retention) deletes published rows through this index.
 CREATE INDEX ix_event_outbox_published_at ON event_outbox (published_at) WHERE status = 'published';
+-- Republish reads published rows in (created_at, id) pages through this index.
+CREATE INDEX ix_event_outbox_created_at_id ON event_outbox (created_at, id) WHERE status = 'published';
 
 -- Inserts only: status updates must never reach the tailer's slot.
 -- Via the partition root: a partitioned event_outbox streams like a plain one.

@@ -56,7 +56,7 @@ macro_rules! row_columns {
 /// The columns for a table without the `headers` column.
 pub const ROW_COLUMNS: &str = row_columns!();
 /// [`ROW_COLUMNS`] and `headers`, for a table with the column.
-pub(crate) const ROW_COLUMNS_WITH_HEADERS: &str = concat!(row_columns!(), ", headers::text");
+pub const ROW_COLUMNS_WITH_HEADERS: &str = concat!(row_columns!(), ", headers::text");
 
 /// An outbox row read with [`ROW_COLUMNS`], as the stream would deliver it
 /// (the payload as PostgreSQL renders the jsonb, the time in ISO UTC).

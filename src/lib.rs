@@ -72,7 +72,7 @@ mod supervise;
 /// relay use. Not a stable API.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::event::{row_from, ROW_COLUMNS};
+    pub use crate::event::{row_from, ROW_COLUMNS, ROW_COLUMNS_WITH_HEADERS};
     pub use crate::outbox::marker::Marker;
     pub use crate::outbox::sweeper::PROBE_SQL;
     pub use crate::publish::message::{self, Message};

@@ -117,7 +117,11 @@ fn init_logging(format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| {
+            // A republish's progress bar gives way to the line.
+            outbox_tailer::republish::progress::clear();
+            std::io::stderr()
+        })
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),

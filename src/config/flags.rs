@@ -48,7 +48,7 @@ pub enum Command {
 
 /// What `republish` selects: `published` rows, every given selector
 /// together (at least one is required).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RepublishArgs {
     /// From this time on: RFC 3339 (2026-12-07T10:00:00Z), or a duration back from now (2h).
     #[arg(long, value_name = "TIME")]

@@ -256,3 +256,58 @@ async fn sigterm_stops_where_it_says_and_a_rerun_goes_on() {
     assert_eq!(messages.len(), 4000, "every event once: {output}");
     assert_eq!(order_breaks(&messages), Vec::<String>::new());
 }
+
+/// Progress: a bar redrawn in place on a terminal (run under `script`,
+/// which gives it a pseudo-terminal), with the selection's total once
+/// counted; a log line every 5 s otherwise. Both runs take about 6 s
+/// (`--rate`), side by side; the second's copies are dropped as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_a_bar_on_a_terminal_and_lines_in_a_log() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    archived(&db, 6000).await;
+    let bin = outbox_testkit::tailer_bin().unwrap();
+    let args = "republish --aggregate-type archive --rate 1000";
+    let on_terminal = std::process::Command::new("script")
+        .args(["-qfec", &format!("{} {args}", bin.display()), "/dev/null"])
+        .env("DATABASE_URL", &env.tailer_url)
+        .env("NATS_URL", env.nats.url())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let args: Vec<&str> = args.split(' ').collect();
+    let logged = run_to_exit(&env.tailer_url, &env.nats.url(), &args);
+    let on_terminal = on_terminal.wait_with_output().unwrap();
+    let terminal = String::from_utf8_lossy(&on_terminal.stdout);
+    assert!(on_terminal.status.success(), "{terminal}");
+    // Redrawn in place: a carriage return and a cleared line before each.
+    let frames: Vec<&str> = terminal
+        .split("\r\x1b[2K")
+        .filter(|frame| frame.contains(" of 6,000 events, "))
+        .collect();
+    assert!(
+        frames.len() >= 5,
+        "a bar redrawn every 250 ms:\n{terminal:?}"
+    );
+    assert!(
+        frames.iter().any(|frame| frame.starts_with("[###")),
+        "{terminal:?}"
+    );
+    // The bar gives way to the closing line.
+    assert!(
+        terminal.contains("\r\x1b[2Krepublished 6000 events ("),
+        "{terminal:?}"
+    );
+
+    let (code, output) = logged;
+    assert_eq!(code, 0, "{output}");
+    assert!(!output.contains('\r'), "no bar in a log: {output}");
+    let line = output
+        .lines()
+        .find(|line| line.contains("republishing"))
+        .unwrap_or_else(|| panic!("no progress line in 6 s:\n{output}"));
+    assert!(line.contains("total=6000"), "{line}");
+    assert!(line.contains("reached="), "{line}");
+}

@@ -130,6 +130,7 @@ async fn assert_contract_schema(db: &Client) {
         [
             "CREATE UNIQUE INDEX event_outbox_pkey ON public.event_outbox USING btree (id)",
             "CREATE INDEX ix_event_outbox_aggregate_id_created_at ON public.event_outbox USING btree (aggregate_id, created_at)",
+            "CREATE INDEX ix_event_outbox_created_at_id ON public.event_outbox USING btree (created_at, id) WHERE (status = 'published'::text)",
             "CREATE INDEX ix_event_outbox_project_id_created_at ON public.event_outbox USING btree (project_id, created_at)",
             "CREATE INDEX ix_event_outbox_published_at ON public.event_outbox USING btree (published_at) WHERE (status = 'published'::text)",
             "CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON public.event_outbox USING btree (status, next_retry_at, created_at)",
@@ -222,7 +223,7 @@ async fn upgrade_head_creates_exactly_the_contract() {
     alembic(&url, HEAD).unwrap();
     assert_contract_schema(&db).await;
     let version = strings(&db, "SELECT version_num::text FROM alembic_version").await;
-    assert_eq!(version, ["0005_outbox_headers"]);
+    assert_eq!(version, ["0006_outbox_republish_index"]);
 }
 
 #[tokio::test]
@@ -242,7 +243,15 @@ async fn downgrades_drop_only_their_own_objects_and_keep_messages() {
     let before = message_rows(&db).await;
     assert_eq!(before.len(), 500);
 
-    // -1 from head: only the headers column goes (its data with it).
+    // -1 from head: only republish's index goes.
+    alembic(&url, &["downgrade", "-1"]).unwrap();
+    assert_eq!(indexes(&db, "event_outbox").await.len(), 6);
+    assert!(!indexes(&db, "event_outbox")
+        .await
+        .iter()
+        .any(|index| index.contains("ix_event_outbox_created_at_id")));
+
+    // Then only the headers column goes (its data with it).
     alembic(&url, &["downgrade", "-1"]).unwrap();
     assert!(!columns(&db, "event_outbox")
         .await
@@ -482,29 +491,26 @@ async fn contract_queries_use_their_indexes_on_a_realistic_table() {
     }
 }
 
-/// The headers revision on a big outbox: no rewrite (the table keeps its
-/// file), no long lock (a writer goes on while the constraint is validated),
-/// and quick; timed and printed.
-#[tokio::test]
-async fn the_headers_revision_neither_rewrites_nor_blocks_a_big_outbox() {
-    let (_pg, url, db) = fresh("chat").await;
-    alembic(&url, &["upgrade", "0004_outbox_retention"]).unwrap();
+/// A million published rows, 1,000 aggregates, one a second back from now
+/// (about 11.6 days), as `event_outbox` holds them at `revision`.
+async fn big_outbox(url: &str, db: &Client, revision: &str) {
+    alembic(url, &["upgrade", revision]).unwrap();
     db.batch_execute(
-        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status) \
-         SELECT 'chat', 'c' || (i % 1000), 'message.created', jsonb_build_object('n', i), 'published' \
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, created_at, published_at) \
+         SELECT 'chat', 'c' || (i % 1000), CASE WHEN i % 10 = 0 THEN 'chat.renamed' ELSE 'message.created' END, \
+                jsonb_build_object('n', i), 'published', \
+                now() - make_interval(secs => 1000000 - i), now() - make_interval(secs => 1000000 - i) \
          FROM generate_series(1, 1000000) i; ANALYZE event_outbox",
     )
     .await
     .unwrap();
-    let relfilenode = || async {
-        db.query_one("SELECT pg_relation_filenode('event_outbox')::int8", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
-    let before = relfilenode().await;
-    // A writer that must never wait long on the migration's locks.
-    let writer_url = url.clone();
+}
+
+/// Upgrades to head with a writer inserting beside it: how long the
+/// migration took and the writer's slowest insert (which must never wait
+/// long on the migration's locks).
+async fn upgrade_beside_a_writer(url: &str) -> (std::time::Duration, std::time::Duration) {
+    let writer_url = url.to_owned();
     let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let writer = {
         let writing = writing.clone();
@@ -531,14 +537,33 @@ async fn the_headers_revision_neither_rewrites_nor_blocks_a_big_outbox() {
         })
     };
     let started = std::time::Instant::now();
-    let migrate_url = url.clone();
+    let migrate_url = url.to_owned();
     tokio::task::spawn_blocking(move || alembic(&migrate_url, HEAD).unwrap())
         .await
         .unwrap();
     let took = started.elapsed();
     writing.store(false, std::sync::atomic::Ordering::Relaxed);
-    let slowest_insert = writer.await.unwrap();
-    assert_eq!(relfilenode().await, before, "the table was rewritten");
+    (took, writer.await.unwrap())
+}
+
+async fn relfilenode(db: &Client) -> i64 {
+    db.query_one("SELECT pg_relation_filenode('event_outbox')::int8", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The headers revision on a big outbox: no rewrite (the table keeps its
+/// file), no long lock (a writer goes on while the constraint is validated),
+/// and quick; timed and printed. (Head adds the republish index after it,
+/// built concurrently: timed with it.)
+#[tokio::test]
+async fn the_headers_revision_neither_rewrites_nor_blocks_a_big_outbox() {
+    let (_pg, url, db) = fresh("chat").await;
+    big_outbox(&url, &db, "0004_outbox_retention").await;
+    let before = relfilenode(&db).await;
+    let (took, slowest_insert) = upgrade_beside_a_writer(&url).await;
+    assert_eq!(relfilenode(&db).await, before, "the table was rewritten");
     let validated: bool = db
         .query_one(
             "SELECT convalidated FROM pg_constraint WHERE conname = 'ck_event_outbox_headers'",
@@ -549,10 +574,258 @@ async fn the_headers_revision_neither_rewrites_nor_blocks_a_big_outbox() {
         .get(0);
     assert!(validated);
     eprintln!(
-        "[headers revision] 1,000,000 rows: alembic upgrade took {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
+        "[headers and republish index revisions] 1,000,000 rows: alembic upgrade took {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
     );
     assert!(
         slowest_insert < std::time::Duration::from_secs(2),
         "a writer waited {slowest_insert:?}"
     );
+}
+
+/// Selections of `outbox-tailer republish`, as its flags give them.
+fn republish_selections() -> Vec<(&'static str, outbox_tailer::config::RepublishArgs)> {
+    let args = |since: Option<&str>, until: Option<&str>, event_type: Option<&str>| {
+        outbox_tailer::config::RepublishArgs {
+            since: since.map(str::to_owned),
+            until: until.map(str::to_owned),
+            aggregate_type: None,
+            aggregate_id: None,
+            event_type: event_type.map(str::to_owned),
+            ids: Vec::new(),
+            dry_run: false,
+            rate: 0,
+        }
+    };
+    let days_ago = |days: u64| {
+        let at = std::time::SystemTime::now() - std::time::Duration::from_secs(days * 86400);
+        humantime::format_rfc3339_seconds(at).to_string()
+    };
+    let (from, to) = (days_ago(4), days_ago(3));
+    vec![
+        ("the last 2 hours", args(Some("2h"), None, None)),
+        (
+            "a day, by RFC 3339",
+            args(Some(from.as_str()), Some(to.as_str()), None),
+        ),
+        ("everything before a day ago", args(None, Some("1d"), None)),
+        (
+            "one event type of the last 6 hours",
+            args(Some("6h"), None, Some("chat.renamed")),
+        ),
+    ]
+}
+
+/// The plans of each selection's first and next page (after a cursor from
+/// the selection's own first page).
+async fn republish_plans(db: &Client) -> Vec<(String, String)> {
+    let columns = outbox_tailer::internals::ROW_COLUMNS_WITH_HEADERS;
+    let mut plans = Vec::new();
+    for (name, args) in republish_selections() {
+        let pages = outbox_tailer::republish::Pages::new(&args, columns);
+        let explain = |sql: &str| format!("EXPLAIN {sql}");
+        let rows = db.query(&pages.first, &pages.params()).await.unwrap();
+        let text = |rows: Vec<tokio_postgres::Row>| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let first = db
+            .query(&explain(&pages.first), &pages.params())
+            .await
+            .unwrap();
+        plans.push((format!("{name}: first page"), text(first)));
+        if let Some(last) = rows.last() {
+            let at: String = last.get("cursor_at");
+            let id: uuid::Uuid = last.get(0);
+            let next = db
+                .query(&explain(&pages.next), &pages.params_after(&at, &id))
+                .await
+                .unwrap();
+            plans.push((format!("{name}: next page"), text(next)));
+        }
+    }
+    plans
+}
+
+/// Every page plan reads `index` in order (no sort), and nothing scans a
+/// table whole but the `empty` ones (an empty partition has no pages: the
+/// planner rightly reads it without an index).
+fn assert_index_ranges(plans: &[(String, String)], index: &str, empty: &[&str]) {
+    assert!(plans.len() >= 7, "{plans:?}");
+    for (name, plan) in plans {
+        let scans = plan
+            .lines()
+            .filter_map(|line| line.split("Seq Scan on ").nth(1))
+            .filter_map(|rest| rest.split(' ').next());
+        for table in scans {
+            assert!(empty.contains(&table), "{name} scans {table}:\n{plan}");
+        }
+        assert!(plan.contains(index), "{name} should read {index}:\n{plan}");
+        // A Sort node (a Merge Append's "Sort Key" only merges ordered inputs).
+        let sorts = plan.lines().any(|line| {
+            let node = line.trim_start().trim_start_matches("->").trim_start();
+            node.starts_with("Sort") && !node.starts_with("Sort Key")
+                || node.starts_with("Incremental Sort")
+        });
+        assert!(!sorts, "{name} must not sort:\n{plan}");
+    }
+}
+
+/// The republish index, built on a big outbox: concurrently (a writer goes
+/// on), and each page of every selection then reads a range of it in
+/// order: no sequential scan, no sort.
+#[tokio::test]
+async fn republish_reads_pages_of_its_index_on_a_million_rows() {
+    let (_pg, url, db) = fresh("chat").await;
+    big_outbox(&url, &db, "0005_outbox_headers").await;
+    let (took, slowest_insert) = upgrade_beside_a_writer(&url).await;
+    eprintln!(
+        "[republish index] 1,000,000 rows: built in {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
+    );
+    assert!(
+        slowest_insert < std::time::Duration::from_secs(2),
+        "a writer waited {slowest_insert:?}"
+    );
+    db.batch_execute("ANALYZE event_outbox").await.unwrap();
+    let plans = republish_plans(&db).await;
+    assert_index_ranges(&plans, "ix_event_outbox_created_at_id", &[]);
+    // An interrupted build left an invalid index: the upgrade builds it again.
+    alembic(&url, &["downgrade", "-1"]).unwrap();
+    db.batch_execute(
+        "CREATE INDEX ix_event_outbox_created_at_id ON event_outbox (created_at, id) WHERE status = 'published'; \
+         UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_event_outbox_created_at_id'::regclass",
+    )
+    .await
+    .unwrap();
+    alembic(&url, HEAD).unwrap();
+    let valid: bool = db
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_event_outbox_created_at_id'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid, "the invalid index was kept");
+}
+
+/// A partitioned outbox (the layout of docs/producing.md, monthly
+/// partitions): the revision indexes each partition concurrently and
+/// attaches them, and each page reads only the partitions its range
+/// reaches, in order, through their indexes.
+#[tokio::test]
+async fn republish_reads_pages_of_a_partitioned_outbox_by_its_indexes() {
+    let (_pg, url, db) = fresh("chat").await;
+    alembic(&url, &["upgrade", "0005_outbox_headers"]).unwrap();
+    db.batch_execute(
+        "DROP PUBLICATION event_outbox_pub; \
+         ALTER TABLE event_outbox RENAME TO event_outbox_plain; \
+         CREATE TABLE event_outbox (LIKE event_outbox_plain INCLUDING DEFAULTS INCLUDING CONSTRAINTS) \
+             PARTITION BY RANGE (created_at); \
+         DROP TABLE event_outbox_plain; \
+         ALTER TABLE event_outbox ADD PRIMARY KEY (id, created_at); \
+         CREATE INDEX ix_event_outbox_id ON event_outbox (id); \
+         CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON event_outbox (status, next_retry_at, created_at); \
+         CREATE INDEX ix_event_outbox_published_at ON event_outbox (published_at) WHERE status = 'published'; \
+         CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox \
+             WITH (publish = 'insert', publish_via_partition_root = true); \
+         DO $$ BEGIN \
+             EXECUTE format('CREATE TABLE event_outbox_p0 PARTITION OF event_outbox FOR VALUES FROM (%L) TO (%L)', \
+                 now() - interval '14 days', now() - interval '7 days'); \
+             EXECUTE format('CREATE TABLE event_outbox_p1 PARTITION OF event_outbox FOR VALUES FROM (%L) TO (%L)', \
+                 now() - interval '7 days', now() + interval '7 days'); \
+             EXECUTE format('CREATE TABLE event_outbox_p2 PARTITION OF event_outbox FOR VALUES FROM (%L) TO (%L)', \
+                 now() + interval '7 days', now() + interval '14 days'); \
+         END $$; \
+         CREATE TABLE event_outbox_default PARTITION OF event_outbox DEFAULT",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(
+        "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, created_at, published_at) \
+         SELECT 'chat', 'c' || (i % 1000), CASE WHEN i % 10 = 0 THEN 'chat.renamed' ELSE 'message.created' END, \
+                jsonb_build_object('n', i), 'published', \
+                now() - make_interval(secs => 1000000 - i), now() - make_interval(secs => 1000000 - i) \
+         FROM generate_series(1, 1000000) i; ANALYZE event_outbox",
+    )
+    .await
+    .unwrap();
+    let (took, slowest_insert) = upgrade_beside_a_writer(&url).await;
+    eprintln!(
+        "[republish index, partitioned] 1,000,000 rows: built in {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
+    );
+    assert!(
+        slowest_insert < std::time::Duration::from_secs(2),
+        "a writer waited {slowest_insert:?}"
+    );
+    // One valid index on the root, one attached to it per partition.
+    let children = strings(
+        &db,
+        "SELECT c.relname || ' ' || i.indisvalid FROM pg_inherits h \
+         JOIN pg_class c ON c.oid = h.inhrelid JOIN pg_index i ON i.indexrelid = c.oid \
+         WHERE h.inhparent = 'ix_event_outbox_created_at_id'::regclass ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        children,
+        [
+            "event_outbox_default_created_at_id true",
+            "event_outbox_p0_created_at_id true",
+            "event_outbox_p1_created_at_id true",
+            "event_outbox_p2_created_at_id true",
+        ]
+    );
+    let valid: bool = db
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_event_outbox_created_at_id'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid);
+    // A partition created later gets its index with it.
+    db.batch_execute(
+        "CREATE TABLE event_outbox_later PARTITION OF event_outbox \
+         FOR VALUES FROM ('2100-01-01') TO ('2100-02-01')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        strings(
+            &db,
+            "SELECT count(*)::text FROM pg_inherits WHERE inhparent = 'ix_event_outbox_created_at_id'::regclass"
+        )
+        .await,
+        ["5"]
+    );
+    db.batch_execute("ANALYZE event_outbox").await.unwrap();
+    let plans = republish_plans(&db).await;
+    assert_index_ranges(
+        &plans,
+        "_created_at_id",
+        &[
+            "event_outbox_p2",
+            "event_outbox_later",
+            "event_outbox_default",
+        ],
+    );
+    // The last 2 hours never reach the partition of two weeks ago.
+    let (_, recent) = &plans[0];
+    assert!(
+        recent.contains("event_outbox_p1") && !recent.contains("event_outbox_p0"),
+        "the last 2 hours read old partitions:\n{recent}"
+    );
+    // Downgrade and upgrade again: the partitioned index goes, and comes back.
+    alembic(&url, &["downgrade", "-1"]).unwrap();
+    assert_eq!(
+        strings(
+            &db,
+            "SELECT count(*)::text FROM pg_class WHERE relname LIKE '%created_at_id'"
+        )
+        .await,
+        ["0"]
+    );
+    alembic(&url, HEAD).unwrap();
 }

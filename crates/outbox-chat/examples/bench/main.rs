@@ -69,7 +69,7 @@ struct Args {
     /// Old published rows in the prune phase.
     #[arg(long, default_value_t = 500_000)]
     prune_rows: usize,
-    /// Run only these phases (drain, live, paced, big, prune, catchup, republish).
+    /// Run only these phases (drain, live, paced, big, prune, catchup, republish, repub).
     #[arg(long, value_delimiter = ',', default_value = "drain,live,paced,big")]
     phases: Vec<String>,
     /// PostgreSQL fsync and synchronous_commit (on: as production runs;
@@ -257,6 +257,13 @@ async fn main() -> Result<()> {
                 for side in [Side::Nothing, Side::Prune] {
                     record(bench.beside(side).await?);
                 }
+            }
+            "repub" => {
+                // The same events drained, then republished into a new stream.
+                let drained = bench.drain(Publisher::Tailer, 100).await?;
+                let republished = bench.republish_alone(&drained).await?;
+                record(drained);
+                record(republished);
             }
             "republish" => {
                 let rated = Side::Republish(Some(args.republish_rate));

@@ -302,7 +302,8 @@ impl Bench<'_> {
             .batch_execute(&format!(
                 "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, published_at, created_at) \
                  SELECT 'chat', 'old-' || (i % 1000), 'message.created', jsonb_build_object('n', i, 'text', repeat('x', 300)), \
-                        'published', now() - interval '8 days' + make_interval(secs => i / 1000.0), now() - interval '8 days' \
+                        'published', now() - interval '8 days' + make_interval(secs => i / 1000.0), \
+                        now() - interval '8 days' + make_interval(secs => i / 1000.0) \
                  FROM generate_series(1, {}) i",
                 self.args.prune_rows
             ))
@@ -369,6 +370,56 @@ impl Bench<'_> {
             latency: Some(latency),
             usage,
             note,
+        })
+    }
+
+    /// The drain's events put back by `outbox-tailer republish` into their
+    /// stream, deleted (lost) after the drain: how fast a republish goes,
+    /// beside how fast the same events drained. `drained`: the drain's line.
+    pub(crate) async fn republish_alone(&self, drained: &Line) -> Result<Line> {
+        self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
+        self.js.delete_stream(STREAM).await?;
+        let servers_before = self.servers_cpu();
+        let started = Instant::now();
+        let output = tokio::process::Command::new(tailer_bin()?)
+            .args(["republish", "--since", "1d"])
+            .env("DATABASE_URL", &self.url)
+            .env("NATS_URL", &self.nats_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()?
+            .wait_with_output()
+            .await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let servers = self.servers_cpu() - servers_before;
+        let summary = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if !output.status.success() {
+            return Err(format!("republish failed: {summary}").into());
+        }
+        let stored = self
+            .js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
+        if stored != drained.events as u64 {
+            return Err(format!("republish stored {stored} of {} events", drained.events).into());
+        }
+        let rate = drained.events as f64 / elapsed;
+        Ok(Line {
+            phase: "repub",
+            who: "republish",
+            events: drained.events,
+            rate,
+            latency: None,
+            usage: procfs::Usage::default(),
+            note: format!(
+                "{summary}; servers {servers:.2} cpu s; {:.2}x the drain's {:.0}/s",
+                rate / drained.rate,
+                drained.rate
+            ),
         })
     }
 
