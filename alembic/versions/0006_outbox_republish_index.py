@@ -47,13 +47,16 @@ def drop_if_invalid(bind, name: str) -> None:
         op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
 
 
+def is_partitioned(bind) -> bool:
+    return bind.execute(
+        sa.text("SELECT relkind = 'p' FROM pg_class WHERE oid = 'event_outbox'::regclass")
+    ).scalar()
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     with op.get_context().autocommit_block():
-        partitioned = bind.execute(
-            sa.text("SELECT relkind = 'p' FROM pg_class WHERE oid = 'event_outbox'::regclass")
-        ).scalar()
-        if not partitioned:
+        if not is_partitioned(bind):
             drop_if_invalid(bind, INDEX)
             op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {INDEX} ON event_outbox {ON}")
             return
@@ -92,10 +95,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     bind = op.get_bind()
     with op.get_context().autocommit_block():
-        partitioned = bind.execute(
-            sa.text("SELECT relkind = 'p' FROM pg_class WHERE oid = 'event_outbox'::regclass")
-        ).scalar()
         # A partitioned index cannot be dropped concurrently; dropping it
         # drops its partitions' indexes too.
-        concurrently = "" if partitioned else "CONCURRENTLY "
+        concurrently = "" if is_partitioned(bind) else "CONCURRENTLY "
         op.execute(f"DROP INDEX {concurrently}IF EXISTS {INDEX}")

@@ -376,10 +376,22 @@ impl Bench<'_> {
     /// The drain's events put back by `outbox-tailer republish` into their
     /// stream, deleted (lost) after the drain: how fast a republish goes,
     /// beside how fast the same events drained. `drained`: the drain's line.
-    pub(crate) async fn republish_alone(&self, drained: &Line) -> Result<Line> {
+    /// The drain's events are all of one chat, the republish's worst case
+    /// (one aggregate's events go one at a time); `chats` spreads them over
+    /// that many first (the drain's rate does not depend on it).
+    pub(crate) async fn republish_alone(&self, drained: &Line, chats: u32) -> Result<Line> {
+        if chats > 1 {
+            self.db
+                .execute(
+                    "UPDATE event_outbox SET aggregate_id = 'chat-' || (abs(hashtext(id::text)) % $1)",
+                    &[&(chats as i32)],
+                )
+                .await?;
+        }
         self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
         self.js.delete_stream(STREAM).await?;
-        let servers_before = self.servers_cpu();
+        let cpu = |pid: u32| procfs::tree_cpu_seconds(pid);
+        let before = self.servers.map(cpu);
         let started = Instant::now();
         let output = tokio::process::Command::new(tailer_bin()?)
             .args(["republish", "--since", "1d"])
@@ -391,7 +403,8 @@ impl Bench<'_> {
             .wait_with_output()
             .await?;
         let elapsed = started.elapsed().as_secs_f64();
-        let servers = self.servers_cpu() - servers_before;
+        let after = self.servers.map(cpu);
+        let (postgres, nats) = (after[0] - before[0], after[1] - before[1]);
         let summary = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         if !output.status.success() {
             return Err(format!("republish failed: {summary}").into());
@@ -416,7 +429,7 @@ impl Bench<'_> {
             latency: None,
             usage: procfs::Usage::default(),
             note: format!(
-                "{summary}; servers {servers:.2} cpu s; {:.2}x the drain's {:.0}/s",
+                "{chats} chat(s): {summary}; cpu s: postgres {postgres:.2}, nats-server {nats:.2}; {:.2}x the drain's {:.0}/s",
                 rate / drained.rate,
                 drained.rate
             ),
@@ -525,7 +538,8 @@ pub(crate) enum Side {
 impl Side {
     fn phase(self) -> &'static str {
         match self {
-            Side::Nothing | Side::Prune => "prune",
+            Side::Nothing => "alone",
+            Side::Prune => "prune",
             Side::Republish(_) => "republish",
         }
     }
