@@ -10,8 +10,9 @@
 //!   event is sent only once the aggregate's previous one is acked (until
 //!   then it is held back), and a failed publish is retried before anything
 //!   else of its aggregate goes. Other aggregates' events are pipelined
-//!   meanwhile, up to [`IN_FLIGHT`] publishes, and everything under way
-//!   (sent or held) within `--max-in-flight-bytes`.
+//!   meanwhile, up to [`IN_FLIGHT`] publishes.
+//! - **Memory**: the page read and what is under way (sent or held) each
+//!   hold payloads of at most half of `--max-in-flight-bytes`.
 //! - **Progress**: [`progress`]: a bar on a terminal, log lines otherwise.
 //! - **Beside a running tailer**: no `Nats-Expected-Last-Msg-Id`. The live
 //!   stream chains each publish to the one before it; a republished message
@@ -46,7 +47,7 @@ use uuid::Uuid;
 
 /// The header that marks a message as republished.
 pub const REPUBLISHED: &str = "Outbox-Republished";
-/// Rows read per page (held in memory beside the publishes in flight).
+/// Rows read per page at most (fewer when the payloads are big).
 const PAGE: i64 = 100;
 /// Publishes in flight at once.
 const IN_FLIGHT: usize = 256;
@@ -185,21 +186,35 @@ impl Selection {
 /// The selection's queries, as [`republish`] runs them (a test EXPLAINs
 /// them on a big outbox, plain and partitioned).
 pub struct Pages {
-    /// The first page.
+    /// The first page: [`Pages::first_params`].
     pub first: String,
-    /// A page after a cursor: [`Pages::params_after`]'s two more parameters.
+    /// A page after a cursor: [`Pages::next_params`].
     pub next: String,
-    /// How many rows the selection holds.
+    /// How many rows the selection holds: [`Pages::params`].
     pub count: String,
     selection: Selection,
 }
 
 impl Pages {
     /// `columns`: the row's columns ([`crate::event::ROW_COLUMNS`] or
-    /// with headers).
-    pub fn new(args: &RepublishArgs, columns: &str) -> Pages {
+    /// with headers). A page holds at most the rows its parameters say and,
+    /// beyond its first row, payloads of at most `page_bytes` together.
+    pub fn new(args: &RepublishArgs, columns: &str, page_bytes: usize) -> Pages {
         let selection = Selection::new(args);
         let n = selection.params.len();
+        // The running total of the payloads' bytes (their text, `payload`
+        // in the columns) cuts the page short, over the page's rows only.
+        let page = |after: &str, limit: usize| {
+            format!(
+                "SELECT * FROM (SELECT *, sum(octet_length(payload)) OVER page AS page_bytes, \
+                 row_number() OVER page AS page_row FROM (\
+                 SELECT {columns}, created_at::text AS cursor_at, created_at AS page_at \
+                 FROM event_outbox WHERE {}{after} ORDER BY created_at, id LIMIT ${limit}) page_rows \
+                 WINDOW page AS (ORDER BY page_at, id ROWS UNBOUNDED PRECEDING)) page \
+                 WHERE page_row = 1 OR page_bytes <= {page_bytes}",
+                selection.condition
+            )
+        };
         // The cursor is created_at's own text in this session (it reads back
         // exactly, `infinity` included), and the id among equal times.
         // Written out rather than as `(created_at, id) > (a, b)`: the plain
@@ -208,21 +223,15 @@ impl Pages {
         // bound on created_at, which keeps the planner's estimate of the
         // rows left right (a row comparison beside it would count the same
         // bound twice and make a partitioned outbox's plan sort them).
-        let page = |after: &str| {
-            format!(
-                "SELECT {columns}, created_at::text AS cursor_at FROM event_outbox WHERE {}{after} \
-                 ORDER BY created_at, id LIMIT {PAGE}",
-                selection.condition
-            )
-        };
+        let after = format!(
+            " AND created_at >= ${a}::text::timestamptz \
+             AND (created_at > ${a}::text::timestamptz OR id > ${b}::uuid)",
+            a = n + 1,
+            b = n + 2
+        );
         Pages {
-            first: page(""),
-            next: page(&format!(
-                " AND created_at >= ${a}::text::timestamptz \
-                 AND (created_at > ${a}::text::timestamptz OR id > ${b}::uuid)",
-                a = n + 1,
-                b = n + 2
-            )),
+            first: page("", n + 1),
+            next: page(&after, n + 3),
             count: format!(
                 "SELECT count(*) FROM event_outbox WHERE {}",
                 selection.condition
@@ -231,17 +240,30 @@ impl Pages {
         }
     }
 
-    /// The parameters of [`Pages::first`] and [`Pages::count`].
+    /// The parameters of [`Pages::count`].
     pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         self.selection.params()
     }
 
+    /// The parameters of [`Pages::first`]: at most `rows` rows.
+    pub fn first_params<'a>(&'a self, rows: &'a i64) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut params = self.selection.params();
+        params.push(rows);
+        params
+    }
+
     /// The parameters of [`Pages::next`]: after the row at `at`
-    /// (`created_at::text`), `id`.
-    pub fn params_after<'a>(&'a self, at: &'a String, id: &'a Uuid) -> Vec<&'a (dyn ToSql + Sync)> {
+    /// (`created_at::text`), `id`; at most `rows` rows.
+    pub fn next_params<'a>(
+        &'a self,
+        at: &'a String,
+        id: &'a Uuid,
+        rows: &'a i64,
+    ) -> Vec<&'a (dyn ToSql + Sync)> {
         let mut params = self.selection.params();
         params.push(at);
         params.push(id);
+        params.push(rows);
         params
     }
 }
@@ -254,7 +276,7 @@ pub async fn republish(
 ) -> Result<Summary, Error> {
     let started = Instant::now();
     let db = db::connect(config).await?;
-    let pages = Pages::new(args, db::outbox_row_columns(&db).await?);
+    let pages = Pages::new(args, db::outbox_row_columns(&db).await?, budget(config));
     if args.dry_run {
         let count: i64 = db.query_one(&pages.count, &pages.params()).await?.get(0);
         return Ok(Summary {
@@ -269,14 +291,23 @@ pub async fn republish(
     let mut flight = Flight::new(config, args.rate, Progress::new(count_beside(config, args)));
     let mut summary = Summary::default();
     let mut cursor: Option<(String, Uuid)> = None;
+    let mut limit = PAGE;
     'pages: loop {
         let rows = match &cursor {
-            None => db.query(&pages.first, &pages.params()).await?,
-            Some((at, id)) => db.query(&pages.next, &pages.params_after(at, id)).await?,
+            None => db.query(&pages.first, &pages.first_params(&limit)).await?,
+            Some((at, id)) => {
+                db.query(&pages.next, &pages.next_params(at, id, &limit))
+                    .await?
+            }
         };
         if rows.is_empty() {
             break;
         }
+        // As many rows next time as this page's payloads say fit: the
+        // server then reads (and sums) few rows past the cut.
+        let bytes: i64 = rows[rows.len() - 1].try_get("page_bytes")?;
+        let average = (bytes / rows.len() as i64).max(1);
+        limit = (budget(config) as i64 / average).clamp(1, PAGE);
         for r in &rows {
             let at: String = r.try_get("cursor_at")?;
             if shutdown.is_fired() {
@@ -300,6 +331,13 @@ pub async fn republish(
     Ok(summary)
 }
 
+/// The payload bytes a page may hold, and those under way may: half of
+/// `--max-in-flight-bytes` each, so that a republish stays within it (but
+/// for one event larger than half, which still goes alone).
+fn budget(config: &Config) -> usize {
+    config.max_in_flight_bytes / 2
+}
+
 /// Counts the selection on a connection of its own, beside the republish,
 /// for the progress bar's total; dropped (no total) if it fails.
 fn count_beside(config: &Config, args: &RepublishArgs) -> oneshot::Receiver<u64> {
@@ -308,7 +346,7 @@ fn count_beside(config: &Config, args: &RepublishArgs) -> oneshot::Receiver<u64>
     let args = args.clone();
     tokio::spawn(async move {
         let db = db::connect(&config).await.ok()?;
-        let pages = Pages::new(&args, db::outbox_row_columns(&db).await.ok()?);
+        let pages = Pages::new(&args, db::outbox_row_columns(&db).await.ok()?, 0);
         let count: i64 = db
             .query_one(&pages.count, &pages.params())
             .await
@@ -327,8 +365,7 @@ struct Sent {
 
 /// What is under way: publishes in flight, oldest first, and rows held back
 /// until their aggregate's event in flight is acked; their payloads' bytes
-/// together stay within `--max-in-flight-bytes` (one larger event still
-/// goes alone).
+/// together stay within [`budget`] (one larger event still goes alone).
 struct Flight<'c> {
     config: &'c Config,
     window: VecDeque<Sent>,
@@ -363,7 +400,7 @@ impl<'c> Flight<'c> {
     ) -> Result<(), Error> {
         let size = row.payload.len();
         while !self.window.is_empty()
-            && (self.bytes + size > self.config.max_in_flight_bytes || self.held_rows >= HELD)
+            && (self.bytes + size > budget(self.config) || self.held_rows >= HELD)
         {
             self.settle_front(js, summary).await?;
         }

@@ -626,9 +626,13 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
     let columns = outbox_tailer::internals::ROW_COLUMNS_WITH_HEADERS;
     let mut plans = Vec::new();
     for (name, args) in republish_selections() {
-        let pages = outbox_tailer::republish::Pages::new(&args, columns);
+        let pages = outbox_tailer::republish::Pages::new(&args, columns, 32 << 20);
         let explain = |sql: &str| format!("EXPLAIN {sql}");
-        let rows = db.query(&pages.first, &pages.params()).await.unwrap();
+        let limit = 100i64;
+        let rows = db
+            .query(&pages.first, &pages.first_params(&limit))
+            .await
+            .unwrap();
         let text = |rows: Vec<tokio_postgres::Row>| {
             rows.iter()
                 .map(|r| r.get::<_, String>(0))
@@ -636,7 +640,7 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
                 .join("\n")
         };
         let first = db
-            .query(&explain(&pages.first), &pages.params())
+            .query(&explain(&pages.first), &pages.first_params(&limit))
             .await
             .unwrap();
         plans.push((format!("{name}: first page"), text(first)));
@@ -644,7 +648,7 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
             let at: String = last.get("cursor_at");
             let id: uuid::Uuid = last.get(0);
             let next = db
-                .query(&explain(&pages.next), &pages.params_after(&at, &id))
+                .query(&explain(&pages.next), &pages.next_params(&at, &id, &limit))
                 .await
                 .unwrap();
             plans.push((format!("{name}: next page"), text(next)));
