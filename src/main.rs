@@ -105,6 +105,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(line) => {
+            // A republish's progress bar gives way to the line.
+            outbox_tailer::republish::progress::clear();
             eprintln!("outbox-tailer: {line}");
             ExitCode::from(EXIT_FAILURE)
         }
