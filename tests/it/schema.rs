@@ -511,10 +511,10 @@ async fn fill_a_million(db: &Client) {
     .unwrap();
 }
 
-/// Upgrades to head with a writer inserting beside it: how long the
-/// migration took and the writer's slowest insert (which must never wait
-/// long on the migration's locks).
-async fn upgrade_beside_a_writer(url: &str) -> (std::time::Duration, std::time::Duration) {
+/// Upgrades to head with a writer inserting beside it, which must never
+/// wait long on the migration's locks; prints how long the upgrade took
+/// (`what`) and the writer's slowest insert.
+async fn upgrade_beside_a_writer(url: &str, what: &str) {
     let writer_url = url.to_owned();
     let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let writer = {
@@ -548,7 +548,14 @@ async fn upgrade_beside_a_writer(url: &str) -> (std::time::Duration, std::time::
         .unwrap();
     let took = started.elapsed();
     writing.store(false, std::sync::atomic::Ordering::Relaxed);
-    (took, writer.await.unwrap())
+    let slowest_insert = writer.await.unwrap();
+    eprintln!(
+        "[{what}] 1,000,000 rows: alembic upgrade took {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
+    );
+    assert!(
+        slowest_insert < std::time::Duration::from_secs(2),
+        "a writer waited {slowest_insert:?}"
+    );
 }
 
 async fn relfilenode(db: &Client) -> i64 {
@@ -567,7 +574,7 @@ async fn the_headers_revision_neither_rewrites_nor_blocks_a_big_outbox() {
     let (_pg, url, db) = fresh("chat").await;
     big_outbox(&url, &db, "0004_outbox_retention").await;
     let before = relfilenode(&db).await;
-    let (took, slowest_insert) = upgrade_beside_a_writer(&url).await;
+    upgrade_beside_a_writer(&url, "headers and republish index revisions").await;
     assert_eq!(relfilenode(&db).await, before, "the table was rewritten");
     let validated: bool = db
         .query_one(
@@ -578,13 +585,6 @@ async fn the_headers_revision_neither_rewrites_nor_blocks_a_big_outbox() {
         .unwrap()
         .get(0);
     assert!(validated);
-    eprintln!(
-        "[headers and republish index revisions] 1,000,000 rows: alembic upgrade took {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
-    );
-    assert!(
-        slowest_insert < std::time::Duration::from_secs(2),
-        "a writer waited {slowest_insert:?}"
-    );
 }
 
 /// Selections of `outbox-tailer republish`, as its flags give them.
@@ -657,6 +657,16 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
     plans
 }
 
+async fn republish_index_is_valid(db: &Client) -> bool {
+    db.query_one(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_event_outbox_created_at_id'::regclass",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Every page plan reads `index` in order (no sort), and nothing scans a
 /// table whole but the `empty` ones (an empty partition has no pages: the
 /// planner rightly reads it without an index).
@@ -688,14 +698,7 @@ fn assert_index_ranges(plans: &[(String, String)], index: &str, empty: &[&str]) 
 async fn republish_reads_pages_of_its_index_on_a_million_rows() {
     let (_pg, url, db) = fresh("chat").await;
     big_outbox(&url, &db, "0005_outbox_headers").await;
-    let (took, slowest_insert) = upgrade_beside_a_writer(&url).await;
-    eprintln!(
-        "[republish index] 1,000,000 rows: built in {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
-    );
-    assert!(
-        slowest_insert < std::time::Duration::from_secs(2),
-        "a writer waited {slowest_insert:?}"
-    );
+    upgrade_beside_a_writer(&url, "republish index").await;
     db.batch_execute("ANALYZE event_outbox").await.unwrap();
     let plans = republish_plans(&db).await;
     assert_index_ranges(&plans, "ix_event_outbox_created_at_id", &[]);
@@ -708,14 +711,7 @@ async fn republish_reads_pages_of_its_index_on_a_million_rows() {
     .await
     .unwrap();
     alembic(&url, HEAD).unwrap();
-    let valid: bool = db
-        .query_one(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_event_outbox_created_at_id'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let valid = republish_index_is_valid(&db).await;
     assert!(valid, "the invalid index was kept");
 }
 
@@ -752,14 +748,7 @@ async fn republish_reads_pages_of_a_partitioned_outbox_by_its_indexes() {
     .await
     .unwrap();
     fill_a_million(&db).await;
-    let (took, slowest_insert) = upgrade_beside_a_writer(&url).await;
-    eprintln!(
-        "[republish index, partitioned] 1,000,000 rows: built in {took:.2?}; the slowest insert beside it {slowest_insert:.2?}"
-    );
-    assert!(
-        slowest_insert < std::time::Duration::from_secs(2),
-        "a writer waited {slowest_insert:?}"
-    );
+    upgrade_beside_a_writer(&url, "republish index, partitioned").await;
     // One valid index on the root, one attached to it per partition.
     let children = strings(
         &db,
@@ -777,14 +766,7 @@ async fn republish_reads_pages_of_a_partitioned_outbox_by_its_indexes() {
             "event_outbox_p2_created_at_id true",
         ]
     );
-    let valid: bool = db
-        .query_one(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_event_outbox_created_at_id'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let valid = republish_index_is_valid(&db).await;
     assert!(valid);
     // A partition created later gets its index with it.
     db.batch_execute(

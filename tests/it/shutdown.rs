@@ -68,8 +68,12 @@ async fn sigterm_while_postgres_is_down() {
     let db = env.db().await;
     let mut tailer = env.streaming(&db, &["run"]).await;
     env.pg.stop(StopMode::Immediate);
-    wait_for("the session to end", Duration::from_secs(30), || async {
-        tailer.output().contains("reconnecting").then_some(())
+    wait_for_seen("the session to end", Duration::from_secs(30), || async {
+        let output = tailer.output();
+        match output.contains("reconnecting") {
+            true => Ok(()),
+            false => Err(format!("\n{output}")),
+        }
     })
     .await;
     stops_cleanly(&mut tailer, "PostgreSQL down");
