@@ -48,6 +48,31 @@ impl Bench<'_> {
         Ok(Process(child))
     }
 
+    /// `outbox-tailer <args>` on the bench's servers, its stdout (the
+    /// closing line) piped.
+    fn one_shot(&self, args: &[&str]) -> Result<tokio::process::Command> {
+        let mut command = tokio::process::Command::new(tailer_bin()?);
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("NATS_URL", &self.nats_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped());
+        Ok(command)
+    }
+
+    /// The stream's state now.
+    async fn stream_state(&self) -> Result<async_nats::jetstream::stream::State> {
+        Ok(self
+            .js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .clone())
+    }
+
     /// Empties the outbox and the stream between phases, and drops the slot
     /// so no phase replays the one before it.
     pub(crate) async fn reset(&self) -> Result<()> {
@@ -176,15 +201,7 @@ impl Bench<'_> {
         if publisher.tails() {
             wait_slot_active(&self.db, true).await?;
         }
-        let first_seq = self
-            .js
-            .get_stream(STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .last_sequence
-            + 1;
+        let first_seq = self.stream_state().await?.last_sequence + 1;
         let running = Arc::new(AtomicBool::new(true));
         let mut producers = Vec::new();
         // Each producer commits 100-row transactions, paced to half the rate.
@@ -207,16 +224,7 @@ impl Bench<'_> {
         }
         let window = Duration::from_secs(self.args.live_seconds);
         tokio::time::sleep(window).await;
-        let in_stream_at_end = self
-            .js
-            .get_stream(STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .last_sequence
-            + 1
-            - first_seq;
+        let in_stream_at_end = self.stream_state().await?.last_sequence + 1 - first_seq;
         running.store(false, Ordering::Relaxed);
         let mut commits = Vec::new();
         for p in producers {
@@ -249,15 +257,7 @@ impl Bench<'_> {
         if publisher.tails() {
             wait_slot_active(&self.db, true).await?;
         }
-        let first_seq = self
-            .js
-            .get_stream(STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .last_sequence
-            + 1;
+        let first_seq = self.stream_state().await?.last_sequence + 1;
         let (commits, rate) = self.paced_load().await?;
         self.wait_drained(Duration::from_secs(120)).await?;
         let usage = process.usage();
@@ -311,15 +311,7 @@ impl Bench<'_> {
         self.db.batch_execute("VACUUM ANALYZE event_outbox").await?;
         let process = self.start(Publisher::Tailer)?;
         wait_slot_active(&self.db, true).await?;
-        let first_seq = self
-            .js
-            .get_stream(STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .last_sequence
-            + 1;
+        let first_seq = self.stream_state().await?.last_sequence + 1;
         let rate_text;
         let args: Option<Vec<&str>> = match side {
             Side::Nothing => None,
@@ -331,15 +323,7 @@ impl Bench<'_> {
             }
         };
         let job = match &args {
-            Some(args) => Some(
-                tokio::process::Command::new(tailer_bin()?)
-                    .args(args)
-                    .env("DATABASE_URL", &self.url)
-                    .env("NATS_URL", &self.nats_url)
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::piped())
-                    .spawn()?,
-            ),
+            Some(args) => Some(self.one_shot(args)?.spawn()?),
             None => None,
         };
         let (commits, rate) = self.paced_load().await?;
@@ -393,12 +377,8 @@ impl Bench<'_> {
         let cpu = |pid: u32| procfs::tree_cpu_seconds(pid);
         let before = self.servers.map(cpu);
         let started = Instant::now();
-        let output = tokio::process::Command::new(tailer_bin()?)
-            .args(["republish", "--since", "1d"])
-            .env("DATABASE_URL", &self.url)
-            .env("NATS_URL", &self.nats_url)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
+        let output = self
+            .one_shot(&["republish", "--since", "1d"])?
             .spawn()?
             .wait_with_output()
             .await?;
@@ -409,14 +389,7 @@ impl Bench<'_> {
         if !output.status.success() {
             return Err(format!("republish failed: {summary}").into());
         }
-        let stored = self
-            .js
-            .get_stream(STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .messages;
+        let stored = self.stream_state().await?.messages;
         if stored != drained.events as u64 {
             return Err(format!("republish stored {stored} of {} events", drained.events).into());
         }

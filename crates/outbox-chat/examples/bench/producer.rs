@@ -115,13 +115,7 @@ impl Producer {
                 &[&ids, &self.chat, &self.user, &self.project, &payloads],
             )
             .await?;
-        let xid: String = self
-            .db
-            .query_one("SELECT pg_current_xact_id()::text", &[])
-            .await?
-            .get(0);
-        self.db.batch_execute("COMMIT").await?;
-        Ok(Commit { xid, ids })
+        self.commit(ids).await
     }
 
     /// A transaction of `n` single-row INSERTs, one round trip each: how an
@@ -139,6 +133,11 @@ impl Producer {
                 )
                 .await?;
         }
+        self.commit(ids).await
+    }
+
+    /// Commits the open transaction that wrote `ids`.
+    async fn commit(&self, ids: Vec<Uuid>) -> Result<Commit> {
         let xid: String = self
             .db
             .query_one("SELECT pg_current_xact_id()::text", &[])
