@@ -492,7 +492,9 @@ async fn contract_queries_use_their_indexes_on_a_realistic_table() {
 }
 
 /// A million published rows, 1,000 aggregates, one a second back from now
-/// (about 11.6 days), as `event_outbox` holds them at `revision`.
+/// (about 11.6 days), but for 20,000 written by one bulk transaction (one
+/// created_at, about 28 hours back), as `event_outbox` holds them at
+/// `revision`.
 async fn big_outbox(url: &str, db: &Client, revision: &str) {
     alembic(url, &["upgrade", revision]).unwrap();
     fill_a_million(db).await;
@@ -504,8 +506,10 @@ async fn fill_a_million(db: &Client) {
         "INSERT INTO event_outbox (aggregate_type, aggregate_id, event_type, payload, status, created_at, published_at) \
          SELECT 'chat', 'c' || (i % 1000), CASE WHEN i % 10 = 0 THEN 'chat.renamed' ELSE 'message.created' END, \
                 jsonb_build_object('n', i), 'published', \
-                now() - make_interval(secs => 1000000 - i), now() - make_interval(secs => 1000000 - i) \
-         FROM generate_series(1, 1000000) i; ANALYZE event_outbox",
+                now() - make_interval(secs => back), now() - make_interval(secs => back) \
+         FROM generate_series(1, 1000000) i, \
+              LATERAL (SELECT CASE WHEN i BETWEEN 880001 AND 900000 THEN 100000 ELSE 1000000 - i END AS back) b; \
+         ANALYZE event_outbox",
     )
     .await
     .unwrap();
@@ -621,9 +625,15 @@ fn republish_selections() -> Vec<(&'static str, outbox_tailer::config::Republish
 }
 
 /// The plans of each selection's first and next page (after a cursor from
-/// the selection's own first page).
+/// the selection's own first page, and after one at the same time with the
+/// highest id, for which the planner thinks the fewest rows are left), in
+/// the session republish reads them in; and one page from the middle of the
+/// bulk transaction's rows, run (`EXPLAIN ANALYZE`).
 async fn republish_plans(db: &Client) -> Vec<(String, String)> {
     let columns = outbox_tailer::internals::ROW_COLUMNS_WITH_HEADERS;
+    db.batch_execute(outbox_tailer::republish::Pages::SESSION)
+        .await
+        .unwrap();
     let mut plans = Vec::new();
     for (name, args) in republish_selections() {
         let pages = outbox_tailer::republish::Pages::new(&args, columns, 32 << 20);
@@ -646,14 +656,54 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
         plans.push((format!("{name}: first page"), text(first)));
         if let Some(last) = rows.last() {
             let at: String = last.get("cursor_at");
-            let id: uuid::Uuid = last.get(0);
-            let next = db
-                .query(&explain(&pages.next), &pages.next_params(&at, &id, &limit))
-                .await
-                .unwrap();
-            plans.push((format!("{name}: next page"), text(next)));
+            for (cursor, id) in [("", last.get(0)), (", highest id", uuid::Uuid::max())] {
+                let next = db
+                    .query(&explain(&pages.next), &pages.next_params(&at, &id, &limit))
+                    .await
+                    .unwrap();
+                plans.push((format!("{name}: next page{cursor}"), text(next)));
+            }
         }
     }
+    // The bulk transaction's 10,001st row, by the index's order.
+    let bulk = db
+        .query_one(
+            "SELECT created_at::text, id FROM event_outbox WHERE status = 'published' \
+             ORDER BY created_at, id OFFSET 890000 LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (at, id): (String, uuid::Uuid) = (bulk.get(0), bulk.get(1));
+    let before: i64 = db
+        .query_one(
+            "SELECT count(*) FROM event_outbox WHERE status = 'published' \
+             AND created_at = $1::text::timestamptz AND id <= $2",
+            &[&at, &id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        before, 10_001,
+        "the cursor is not inside the bulk transaction's rows"
+    );
+    let (_, args) = &republish_selections()[2];
+    let pages = outbox_tailer::republish::Pages::new(args, columns, 32 << 20);
+    let run = db
+        .query(
+            &format!("EXPLAIN ANALYZE {}", pages.next),
+            &pages.next_params(&at, &id, &100),
+        )
+        .await
+        .unwrap();
+    plans.push((
+        "a page from the middle of one transaction's 20,000 rows".to_owned(),
+        run.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    ));
     plans
 }
 
@@ -669,9 +719,10 @@ async fn republish_index_is_valid(db: &Client) -> bool {
 
 /// Every page plan reads `index` in order (no sort), and nothing scans a
 /// table whole but the `empty` ones (an empty partition has no pages: the
-/// planner rightly reads it without an index).
+/// planner rightly reads it without an index); a page that was run read
+/// from its cursor on (no row before it read and filtered out).
 fn assert_index_ranges(plans: &[(String, String)], index: &str, empty: &[&str]) {
-    assert!(plans.len() >= 7, "{plans:?}");
+    assert!(plans.len() >= 13, "{plans:?}");
     for (name, plan) in plans {
         let scans = plan
             .lines()
@@ -688,6 +739,10 @@ fn assert_index_ranges(plans: &[(String, String)], index: &str, empty: &[&str]) 
                 || node.starts_with("Incremental Sort")
         });
         assert!(!sorts, "{name} must not sort:\n{plan}");
+        assert!(
+            !plan.contains("Rows Removed by Filter"),
+            "{name} read rows before its cursor:\n{plan}"
+        );
     }
 }
 
