@@ -192,6 +192,16 @@ pub struct Pages {
     pub next: String,
     /// How many rows the selection holds: [`Pages::params`].
     pub count: String,
+    /// Run on the connection before its first page. A page is read from its
+    /// cursor along an index, never by reading what is left of the range and
+    /// sorting it: the planner costs each page alone and, as it counts the
+    /// cursor's bound and the selection's on created_at apart, may think
+    /// fewer rows are left than a page holds and choose the sort, which
+    /// every page would then do again over the rest (quadratic). So sorting
+    /// is off (`--aggregate-id`'s index is still read with an incremental
+    /// sort, by time then id within one time), except for `--ids`: its rows
+    /// are found by primary key and sorting those few is the plan.
+    pub session: &'static str,
     selection: Selection,
 }
 
@@ -236,20 +246,13 @@ impl Pages {
                 "SELECT count(*) FROM event_outbox WHERE {}",
                 selection.condition
             ),
+            session: match args.ids.is_empty() {
+                true => "SET enable_sort = off",
+                false => "RESET enable_sort",
+            },
             selection,
         }
     }
-
-    /// Set on the connection that reads the pages: a page is read from its
-    /// cursor along the index, never by reading what is left of the range
-    /// and sorting it. The planner costs each page alone, and as it counts
-    /// the cursor's bound and the selection's on created_at apart, it may
-    /// think fewer rows are left than a page holds and choose the sort, which
-    /// every page would then do again over the rest: quadratic. An outbox
-    /// is written in created_at order, so its index order is nearly its
-    /// heap's and the index range costs little even where the sort would
-    /// have been cheaper (a page holding all that is left).
-    pub const SESSION: &'static str = "SET enable_sort = off";
 
     /// The parameters of [`Pages::count`].
     pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
@@ -301,7 +304,7 @@ pub async fn republish(
     jetstream::ensure_stream_within(&js, config, Duration::from_secs(30)).await?;
     let mut flight = Flight::new(config, args.rate, Progress::new(count_beside(config, args)));
     let mut summary = Summary::default();
-    db.batch_execute(Pages::SESSION).await?;
+    db.batch_execute(pages.session).await?;
     let mut cursor: Option<(String, Uuid)> = None;
     let mut limit = PAGE;
     'pages: loop {
