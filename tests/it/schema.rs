@@ -5,6 +5,7 @@
 
 use outbox_testkit::{alembic, repo_root, PgServer};
 use std::process::Command;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 const HEAD: &[&str] = &["upgrade", "head"];
@@ -34,7 +35,11 @@ fn col(
 }
 
 async fn strings(db: &Client, sql: &str) -> Vec<String> {
-    db.query(sql, &[])
+    strings_with(db, sql, &[]).await
+}
+
+async fn strings_with(db: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Vec<String> {
+    db.query(sql, params)
         .await
         .unwrap()
         .iter()
@@ -429,7 +434,20 @@ async fn roles_sql_grants_the_tailer_only_what_it_needs() {
 
 /// The plan of `sql`, as text.
 async fn plan(db: &Client, sql: &str) -> String {
-    strings(db, &format!("EXPLAIN {sql}")).await.join("\n")
+    plan_with(db, "EXPLAIN", sql, &[]).await
+}
+
+/// The plan of `sql` with `params`, as text; `explain` is `EXPLAIN`, or
+/// `EXPLAIN ANALYZE` (which runs it and says what each node read).
+async fn plan_with(
+    db: &Client,
+    explain: &str,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> String {
+    strings_with(db, &format!("{explain} {sql}"), params)
+        .await
+        .join("\n")
 }
 
 #[tokio::test]
@@ -642,31 +660,19 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
     for (name, args) in republish_selections() {
         let pages = outbox_tailer::republish::Pages::new(&args, columns, 32 << 20);
         db.batch_execute(pages.session).await.unwrap();
-        let explain = |sql: &str| format!("EXPLAIN {sql}");
         let limit = 100i64;
         let rows = db
             .query(&pages.first, &pages.first_params(&limit))
             .await
             .unwrap();
-        let text = |rows: Vec<tokio_postgres::Row>| {
-            rows.iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let first = db
-            .query(&explain(&pages.first), &pages.first_params(&limit))
-            .await
-            .unwrap();
-        plans.push((format!("{name}: first page"), text(first)));
+        let first = plan_with(db, "EXPLAIN", &pages.first, &pages.first_params(&limit)).await;
+        plans.push((format!("{name}: first page"), first));
         if let Some(last) = rows.last() {
             let at: String = last.get("cursor_at");
             for (cursor, id) in [("", last.get(0)), (", highest id", uuid::Uuid::max())] {
-                let next = db
-                    .query(&explain(&pages.next), &pages.next_params(&at, &id, &limit))
-                    .await
-                    .unwrap();
-                plans.push((format!("{name}: next page{cursor}"), text(next)));
+                let params = pages.next_params(&at, &id, &limit);
+                let next = plan_with(db, "EXPLAIN", &pages.next, &params).await;
+                plans.push((format!("{name}: next page{cursor}"), next));
             }
         }
     }
@@ -696,19 +702,16 @@ async fn republish_plans(db: &Client) -> Vec<(String, String)> {
     let (_, args) = &republish_selections()[2];
     let pages = outbox_tailer::republish::Pages::new(args, columns, 32 << 20);
     db.batch_execute(pages.session).await.unwrap();
-    let run = db
-        .query(
-            &format!("EXPLAIN ANALYZE {}", pages.next),
-            &pages.next_params(&at, &id, &100),
-        )
-        .await
-        .unwrap();
+    let run = plan_with(
+        db,
+        "EXPLAIN ANALYZE",
+        &pages.next,
+        &pages.next_params(&at, &id, &100),
+    )
+    .await;
     plans.push((
         "a page from the middle of one transaction's 20,000 rows".to_owned(),
-        run.iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        run,
     ));
     plans
 }
@@ -767,16 +770,14 @@ async fn republish_reads_pages_of_its_index_on_a_million_rows() {
     // rows are read by its index in time order (ids sorted within a time,
     // incrementally), named ids by primary key (the few found, sorted).
     let columns = outbox_tailer::internals::ROW_COLUMNS_WITH_HEADERS;
-    let ids: Vec<uuid::Uuid> = db
-        .query(
-            "SELECT id FROM event_outbox WHERE status = 'published' ORDER BY id LIMIT 3",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = strings(
+        &db,
+        "SELECT id::text FROM event_outbox WHERE status = 'published' ORDER BY id LIMIT 3",
+    )
+    .await
+    .iter()
+    .map(|id| id.parse().unwrap())
+    .collect();
     let own = [
         (
             outbox_tailer::config::RepublishArgs {
@@ -796,17 +797,13 @@ async fn republish_reads_pages_of_its_index_on_a_million_rows() {
     for (args, scan) in own {
         let pages = outbox_tailer::republish::Pages::new(&args, columns, 32 << 20);
         db.batch_execute(pages.session).await.unwrap();
-        let plan = db
-            .query(
-                &format!("EXPLAIN ANALYZE {}", pages.first),
-                &pages.first_params(&100),
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let plan = plan_with(
+            &db,
+            "EXPLAIN ANALYZE",
+            &pages.first,
+            &pages.first_params(&100),
+        )
+        .await;
         assert!(plan.contains(scan), "{args:?} should read {scan}:\n{plan}");
         assert!(
             !plan.contains("Rows Removed by Filter"),
