@@ -6,10 +6,12 @@
 use crate::common::*;
 use std::time::Duration;
 
-/// Replaces the migrated outbox with the documented partitioned layout
-/// (docs/producing.md): primary key (id, created_at), an index on id for
-/// marking, monthly partitions and a default one.
-async fn partition(db: &tokio_postgres::Client, via_root: bool) {
+/// Replaces the migrated outbox with the root of the documented
+/// partitioned layout (docs/producing.md), no partitions yet: primary key
+/// (id, created_at), an index on id for marking, the sweeper's and
+/// retention's indexes, and the publication (through the root or not).
+/// Head's republish index comes with the revision that builds it.
+pub(crate) async fn partitioned_root(db: &tokio_postgres::Client, via_root: bool) {
     db.batch_execute(&format!(
         "DROP PUBLICATION event_outbox_pub; \
          ALTER TABLE event_outbox RENAME TO event_outbox_plain; \
@@ -19,12 +21,23 @@ async fn partition(db: &tokio_postgres::Client, via_root: bool) {
          ALTER TABLE event_outbox ADD PRIMARY KEY (id, created_at); \
          CREATE INDEX ix_event_outbox_id ON event_outbox (id); \
          CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON event_outbox (status, next_retry_at, created_at); \
-         CREATE TABLE event_outbox_old PARTITION OF event_outbox FOR VALUES FROM ('2000-01-01') TO ('2020-01-01'); \
-         CREATE TABLE event_outbox_default PARTITION OF event_outbox DEFAULT; \
-         GRANT SELECT, UPDATE (status, retry_count, next_retry_at, published_at, last_error) ON event_outbox TO outbox_tailer; \
+         CREATE INDEX ix_event_outbox_published_at ON event_outbox (published_at) WHERE status = 'published'; \
          CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox \
              WITH (publish = 'insert', publish_via_partition_root = {via_root})"
     ))
+    .await
+    .unwrap();
+}
+
+/// [`partitioned_root`] with an old partition and a default one, the
+/// tailer's role granted what it needs.
+async fn partition(db: &tokio_postgres::Client, via_root: bool) {
+    partitioned_root(db, via_root).await;
+    db.batch_execute(
+        "CREATE TABLE event_outbox_old PARTITION OF event_outbox FOR VALUES FROM ('2000-01-01') TO ('2020-01-01'); \
+         CREATE TABLE event_outbox_default PARTITION OF event_outbox DEFAULT; \
+         GRANT SELECT, UPDATE (status, retry_count, next_retry_at, published_at, last_error) ON event_outbox TO outbox_tailer",
+    )
     .await
     .unwrap();
 }

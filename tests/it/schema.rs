@@ -831,19 +831,9 @@ async fn republish_reads_pages_of_its_index_on_a_million_rows() {
 async fn republish_reads_pages_of_a_partitioned_outbox_by_its_indexes() {
     let (_pg, url, db) = fresh("chat").await;
     alembic(&url, &["upgrade", "0005_outbox_headers"]).unwrap();
+    crate::partitioned::partitioned_root(&db, true).await;
     db.batch_execute(
-        "DROP PUBLICATION event_outbox_pub; \
-         ALTER TABLE event_outbox RENAME TO event_outbox_plain; \
-         CREATE TABLE event_outbox (LIKE event_outbox_plain INCLUDING DEFAULTS INCLUDING CONSTRAINTS) \
-             PARTITION BY RANGE (created_at); \
-         DROP TABLE event_outbox_plain; \
-         ALTER TABLE event_outbox ADD PRIMARY KEY (id, created_at); \
-         CREATE INDEX ix_event_outbox_id ON event_outbox (id); \
-         CREATE INDEX ix_event_outbox_status_next_retry_at_created_at ON event_outbox (status, next_retry_at, created_at); \
-         CREATE INDEX ix_event_outbox_published_at ON event_outbox (published_at) WHERE status = 'published'; \
-         CREATE PUBLICATION event_outbox_pub FOR TABLE event_outbox \
-             WITH (publish = 'insert', publish_via_partition_root = true); \
-         DO $$ BEGIN \
+        "DO $$ BEGIN \
              EXECUTE format('CREATE TABLE event_outbox_p0 PARTITION OF event_outbox FOR VALUES FROM (%L) TO (%L)', \
                  now() - interval '14 days', now() - interval '7 days'); \
              EXECUTE format('CREATE TABLE event_outbox_p1 PARTITION OF event_outbox FOR VALUES FROM (%L) TO (%L)', \
